@@ -1,0 +1,1 @@
+"""Configurations: `configs.model` (the model) and `configs.experiment` (everything train.py needs)."""

@@ -1,0 +1,1 @@
+"""Input data: the embedded corpus, tokenizers, sources and the grain packing pipeline."""
