@@ -31,6 +31,7 @@ exactly (RULER's own metric, "value is a substring of the output", is reported b
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 import uuid
@@ -74,6 +75,34 @@ class NiahSample:
   haystack_tokens: int  # haystack tokens, the needle not counted
 
 
+def prose_from_python(docs: Sequence[str], min_chars: int = 200) -> str:
+  """English prose from Python sources: the paragraphs of their docstrings that read as sentences.
+
+  The embedded corpus is the standard library's source, so its natural text lives in docstrings;
+  doctest lines, parameter tables and code-like paragraphs are dropped.
+  """
+  paragraphs = []
+  for doc in docs:
+    try:
+      tree = ast.parse(doc)
+    except (SyntaxError, ValueError):
+      continue
+    for node in ast.walk(tree):
+      if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        continue
+      text = ast.get_docstring(node)
+      if not text or len(text) < min_chars:
+        continue
+      for para in re.split(r"\n\s*\n", text):
+        flat = re.sub(r"\s+", " ", para).strip()
+        if not flat.endswith(".") or ">>>" in flat or len(flat) < 40:
+          continue
+        prose = sum(c.isalpha() or c in " ,.;'-" for c in flat) / len(flat)
+        if prose > 0.9:
+          paragraphs.append(flat)
+  return " ".join(paragraphs)
+
+
 def _value_kind(task: str) -> str:
   return "uuid" if task == "s_niah_3" else "number"
 
@@ -115,8 +144,12 @@ def _haystack_units(task: str, rng: np.random.Generator, essay_sentences: Sequen
 
 
 def make_sample(task: str, tokenizer: Tokenizer, *, length: int, depth: float, seed: int,
-                essay_text: str | Sequence[str] | None = None) -> NiahSample:
-  """One S-NIAH prompt of exactly `length` tokens, the needle at `depth`; deterministic in seed."""
+                essay_text: str | Sequence[str] | None = None,
+                prefix_ids: Sequence[int] = ()) -> NiahSample:
+  """One S-NIAH prompt of exactly `length` tokens, the needle at `depth`; deterministic in seed.
+
+  `prefix_ids` go first (a BOS token, when the model was trained with one); they count in `length`.
+  """
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
   if not 0.0 <= depth <= 1.0:
@@ -126,7 +159,7 @@ def make_sample(task: str, tokenizer: Tokenizer, *, length: int, depth: float, s
   value = _random_value(rng, "uuid" if task == "s_niah_3" else "number")
   head, needle, question = prompt_parts(task, key, value)
   sep = "\n" if task == "s_niah_1" else " "
-  head_ids = list(tokenizer.encode(head))
+  head_ids = list(prefix_ids) + list(tokenizer.encode(head))
   needle_ids = list(tokenizer.encode(needle + sep))
   question_ids = list(tokenizer.encode(question))
   budget = length - len(head_ids) - len(needle_ids) - len(question_ids)

@@ -91,6 +91,24 @@ def sequences_from_stream(tokens_N: np.ndarray, seq_len: int, num_seqs: int) -> 
   return np.stack([tokens_N[s:s + L] for s in starts]).astype(np.int32)
 
 
+def extrapolation_rows(docs: Sequence[Sequence[int]], seq_len: int,
+                       num_seqs: int) -> tuple[np.ndarray, str]:
+  """Rows of seq_len + 1 tokens for the extrapolation curve, and where they came from.
+
+  Whole documents are best (one context, read from its start): the first seq_len + 1 tokens of the
+  num_seqs longest documents, when that many are long enough. Otherwise the documents are joined
+  into one stream and rows are spread over it ("stream"), repeating it when it is too short
+  ("stream, repeated").
+  """
+  long_docs = sorted((d for d in docs if len(d) >= seq_len + 1), key=len, reverse=True)
+  if len(long_docs) >= num_seqs:
+    rows = np.stack([np.asarray(d[:seq_len + 1], np.int32) for d in long_docs[:num_seqs]])
+    return rows, "documents"
+  stream = np.concatenate([np.asarray(d, np.int32) for d in docs])
+  kind = "stream" if len(stream) >= seq_len + 1 else "stream, repeated"
+  return sequences_from_stream(stream, seq_len, num_seqs), kind
+
+
 def per_position_loss(nll_fn: NllFn, rows_BxL1: np.ndarray, *,
                       log: Callable[[str], None] | None = None) -> np.ndarray:
   """Mean NLL at each position, [seq_len], over rows of seq_len + 1 tokens; one row per call so a
