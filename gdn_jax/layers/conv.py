@@ -1,0 +1,75 @@
+"""Causal depthwise short convolution (kernel W, a few tokens) with a decode cache.
+
+    y_t[c] = sum_{i=0}^{W-1} w[i, c] * x_{t-W+1+i}[c]  (+ b[c])
+
+Inputs before the sequence come from `cache` (the previous W - 1 inputs) or are zero. With
+segment_ids, an input from another document than token t counts as zero, so nothing leaks across
+packed documents; the cache belongs to each row's first document.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gdn_jax.layers.norms import small_param
+
+
+def document_index(segment_ids_BxT: jax.Array) -> jax.Array:
+    """[B, T] int32: 0, 1, 2, ... counting the places where the segment id changes."""
+    changed = segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]
+    return jnp.concatenate([jnp.zeros_like(segment_ids_BxT[:, :1], jnp.int32),
+                            jnp.cumsum(changed, axis=1, dtype=jnp.int32)], axis=1)
+
+
+class ShortConv(nnx.Module):
+    """Depthwise causal conv over time on [B, T, C]; weight [W, C] (unsharded, small)."""
+
+    def __init__(self, channels: int, kernel_size: int, *, std: float, use_bias: bool = False,
+                 activation: bool = True, rngs: nnx.Rngs):
+        w = std * jax.random.normal(rngs.params(), (kernel_size, channels), jnp.float32)
+        self.weight = small_param(w)
+        self.bias = small_param(jnp.zeros((channels,), jnp.float32)) if use_bias else None
+        self.kernel_size = kernel_size
+        self.activation = activation
+
+    def _finish(self, y, dtype):
+        if self.bias is not None:
+            y = y + self.bias[...]
+        if self.activation:
+            y = jax.nn.silu(y)
+        return y.astype(dtype)
+
+    def __call__(self, x_BxTxC: jax.Array, *, segment_ids=None, cache=None,
+                 return_cache: bool = False):
+        """Returns (y [B, T, C] in x's dtype, new cache [B, W-1, C] or None)."""
+        B, T, C = x_BxTxC.shape
+        W = self.kernel_size
+        if cache is None:
+            cache = jnp.zeros((B, W - 1, C), x_BxTxC.dtype)
+        xp = jnp.concatenate([cache.astype(x_BxTxC.dtype), x_BxTxC], axis=1)  # [B, T+W-1, C]
+        doc = None
+        if segment_ids is not None:
+            doc = document_index(segment_ids)
+            doc = jnp.concatenate([jnp.zeros((B, W - 1), jnp.int32), doc], axis=1)
+        w = self.weight[...]
+        y = jnp.zeros((B, T, C), jnp.float32)
+        for i in range(W):
+            src = xp[:, i:i + T].astype(jnp.float32)
+            if doc is not None and i < W - 1:
+                src = jnp.where((doc[:, i:i + T] == doc[:, W - 1:])[..., None], src, 0.0)
+            y = y + src * w[i]
+        new_cache = None
+        if return_cache:
+            new_cache = xp[:, T:]
+            if doc is not None:
+                same = doc[:, T:] == doc[:, -1:]
+                new_cache = jnp.where(same[..., None], new_cache, 0)
+        return self._finish(y, x_BxTxC.dtype), new_cache
+
+    def step(self, x_BxC: jax.Array, cache_BxWm1xC: jax.Array):
+        """One token: returns (y [B, C], new cache [B, W-1, C])."""
+        xp = jnp.concatenate([cache_BxWm1xC.astype(x_BxC.dtype), x_BxC[:, None]], axis=1)
+        y = jnp.einsum("bwc,wc->bc", xp.astype(jnp.float32), self.weight[...])
+        return self._finish(y, x_BxC.dtype), xp[:, 1:]

@@ -1,0 +1,127 @@
+"""Gated DeltaNet mixer (Yang, Kautz, Hatamizadeh, ICLR 2025) and DeltaNet (the same without decay).
+
+For input x [B, T, d]:
+    q, k = silu(conv(x W_q)), silu(conv(x W_k))      [B, T, H, K], then L2-normalised in float32
+    v    = silu(conv(x W_v))                          [B, T, HV, V]
+    beta = sigmoid(x W_b)                             [B, T, HV]   (2 sigmoid with allow_neg_eigval)
+    g    = -exp(A_log) * softplus(x W_a + dt_bias)    [B, T, HV]   (g = 0 for DeltaNet)
+    o    = gated_delta_rule(q, k, v, g, beta)         S_t = e^{g_t}(I - beta_t k_t k_t^T)S_{t-1} + beta_t k_t v_t^T
+    y    = (RMSNorm_head(o) * w * silu(x W_gate)) W_o
+Init as in FLA: normal(0.02) projections and convs, A ~ U(0, 16), dt ~ logU(1e-3, 0.1) with
+dt_bias = softplus^{-1}(dt).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gdn_jax.layers.conv import ShortConv
+from gdn_jax.layers.mlp import linear
+from gdn_jax.layers.norms import GatedRMSNorm, small_param
+from gdn_jax.ops import gated_delta_rule, gated_delta_rule_step
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / sqrt(sum(x^2) + eps) over the last axis, computed in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def init_decay_params(key: jax.Array, num_heads: int, a_min: float = 0.0):
+    """(A_log, dt_bias) per head: A ~ U(a_min, 16), dt ~ logU(1e-3, 0.1) floored at 1e-4."""
+    k_a, k_dt = jax.random.split(key)
+    A = jax.random.uniform(k_a, (num_heads,), jnp.float32, a_min, 16.0)
+    u = jax.random.uniform(k_dt, (num_heads,), jnp.float32)
+    dt = jnp.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt = jnp.maximum(dt, 1e-4)
+    inv_softplus_dt = dt + jnp.log(-jnp.expm1(-dt))
+    return jnp.log(A), inv_softplus_dt
+
+
+class GatedDeltaNet(nnx.Module):
+    """The "G" mixer; with decay=False it is the "D" (DeltaNet) mixer. Config fields gdn_*."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, decay: bool = True):
+        d, H, K = cfg.d_model, cfg.gdn_num_heads, cfg.gdn_head_dim
+        HV, V = cfg.gdn_v_heads, cfg.gdn_v_dim
+        dt, std = jnp.dtype(cfg.dtype), cfg.init_std
+        self.num_heads, self.head_dim, self.num_v_heads, self.v_dim = H, K, HV, V
+        self.decay = decay
+        self.allow_neg_eigval = cfg.gdn_allow_neg_eigval
+        self.impl, self.chunk_size = cfg.gdn_impl, cfg.gdn_chunk_size
+        self.dtype = dt
+        self.q_proj = linear(d, H * K, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
+        self.k_proj = linear(d, H * K, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
+        self.v_proj = linear(d, HV * V, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
+        self.b_proj = linear(d, HV, ("embed", None), std=std, dtype=dt, rngs=rngs)
+        if decay:
+            self.a_proj = linear(d, HV, ("embed", None), std=std, dtype=dt, rngs=rngs)
+            A_log, dt_bias = init_decay_params(rngs.params(), HV)
+            self.A_log = small_param(A_log)
+            self.dt_bias = small_param(dt_bias)
+        W = cfg.gdn_conv_size
+        self.q_conv = ShortConv(H * K, W, std=std, rngs=rngs)
+        self.k_conv = ShortConv(H * K, W, std=std, rngs=rngs)
+        self.v_conv = ShortConv(HV * V, W, std=std, rngs=rngs)
+        self.g_proj = linear(d, HV * V, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
+        self.o_norm = GatedRMSNorm(V, eps=cfg.norm_eps, norm_before_gate=True)
+        self.o_proj = linear(HV * V, d, ("heads", "embed"), std=std, dtype=dt, rngs=rngs)
+
+    def _gates(self, x):
+        """beta and g (float32) from x [..., d]: shapes [..., HV]."""
+        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
+        if self.allow_neg_eigval:
+            beta = 2.0 * beta
+        if self.decay:
+            a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...]
+            g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(a)
+        else:
+            g = jnp.zeros_like(beta)
+        return g, beta
+
+    def _output(self, o, x):
+        gate = self.g_proj(x).reshape(*o.shape)
+        y = self.o_norm(o, gate).astype(self.dtype)
+        return self.o_proj(y.reshape(*o.shape[:-2], -1))
+
+    def __call__(self, x_BxTxD: jax.Array, *, segment_ids=None, positions=None, cache_len=None):
+        """Returns (y [B, T, d], cache or None); cache_len (any int) asks for the decode cache."""
+        del positions
+        B, T, _ = x_BxTxD.shape
+        want = cache_len is not None
+        q, cq = self.q_conv(self.q_proj(x_BxTxD), segment_ids=segment_ids, return_cache=want)
+        k, ck = self.k_conv(self.k_proj(x_BxTxD), segment_ids=segment_ids, return_cache=want)
+        v, cv = self.v_conv(self.v_proj(x_BxTxD), segment_ids=segment_ids, return_cache=want)
+        q = l2_normalize(q.reshape(B, T, self.num_heads, self.head_dim))
+        k = l2_normalize(k.reshape(B, T, self.num_heads, self.head_dim))
+        v = v.reshape(B, T, self.num_v_heads, self.v_dim)
+        g, beta = self._gates(x_BxTxD)
+        o, S = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids, output_final_state=want,
+                                chunk_size=self.chunk_size, impl=self.impl)
+        cache = dict(conv_q=cq, conv_k=ck, conv_v=cv, state=S) if want else None
+        return self._output(o, x_BxTxD), cache
+
+    def step(self, x_BxD: jax.Array, cache: dict, *, pos=None, t=None):
+        """One token: (y [B, d], new cache)."""
+        del pos, t
+        B = x_BxD.shape[0]
+        q, cq = self.q_conv.step(self.q_proj(x_BxD), cache["conv_q"])
+        k, ck = self.k_conv.step(self.k_proj(x_BxD), cache["conv_k"])
+        v, cv = self.v_conv.step(self.v_proj(x_BxD), cache["conv_v"])
+        q = l2_normalize(q.reshape(B, self.num_heads, self.head_dim))
+        k = l2_normalize(k.reshape(B, self.num_heads, self.head_dim))
+        v = v.reshape(B, self.num_v_heads, self.v_dim)
+        g, beta = self._gates(x_BxD)
+        o, S = gated_delta_rule_step(q, k, v, g, beta, cache["state"])
+        return self._output(o, x_BxD), dict(conv_q=cq, conv_k=ck, conv_v=cv, state=S)
+
+
+class DeltaNet(GatedDeltaNet):
+    """The "D" mixer: GatedDeltaNet without a_proj / A_log / dt_bias, so g = 0 (no decay)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs, decay=False)
