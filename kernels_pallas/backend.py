@@ -1,0 +1,43 @@
+"""Everything specific to the Pallas backend the kernels are lowered through (today: Triton).
+
+The kernels call only what is here (`mm`, `call`) for backend-specific behaviour, so a Mosaic GPU
+(Hopper wgmma/TMA) lowering can replace this module without touching the kernels' callers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def mm(a, b, *, ta: bool = False, tb: bool = False, dtype=None):
+    """2-D matmul with float32 accumulation: (a or aᵀ) @ (b or bᵀ).
+
+    Operands are cast to `dtype` first (the inputs' dtype: bf16 operands run on the tensor cores; f32
+    operands use IEEE float32 arithmetic in the Triton lowering, not TF32).
+    """
+    if dtype is not None:
+        a, b = a.astype(dtype), b.astype(dtype)
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def call(kernel, *, out_shape, grid, in_specs, out_specs, num_warps: int, num_stages: int, name: str,
+         interpret: bool | None = None):
+    """pallas_call with the Triton compiler parameters; interpret mode when no GPU is present."""
+    if interpret is None:
+        interpret = not on_gpu()
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name=name)
+
+
+# The whole array as the kernel's ref: kernels that walk the chunks themselves index it directly.
+WHOLE = pl.no_block_spec

@@ -1,0 +1,119 @@
+"""Forward kernels: chunk-local preparation (W, U), then the pass across chunks fused with the output.
+
+  prepare   grid (N, B*HV), all chunks at once:
+            A = strict_lower(diag(beta) K K^T * Gamma), T = (I + A)^-1,
+            W = T (beta * d_in * K)  [C, K],   U = T (beta * V)  [C, V]
+  sweep     grid (B*HV, V / BV), each program walks the N chunks in order with its [K, BV] state tile:
+            Vnew = U - W S,   O = (d_in * Q) S + (Q K^T * Gamma) Vnew,
+            S <- d_chunk S + (d_out * K)^T Vnew
+            Optionally it also writes each chunk's entering state and Vnew (the backward's residuals).
+Value tiles are independent (every product above is column-wise in V), which is what lets the
+sequential sweep run B*HV*V/BV programs side by side.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels_pallas import backend
+from kernels_pallas.backend import mm
+from kernels_pallas.chunk_math import chunk_decays, unit_lower_inverse
+from kernels_pallas.layout import Tiling
+
+
+def load_docs(doc_refs, *index):
+    """(doc, reach_in, reach_out) vectors of one chunk, or Nones when there are no segments."""
+    if not doc_refs:
+        return None, None, None
+    return tuple(r[index] if index else r[...] for r in doc_refs)
+
+
+def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype):
+    """W [B,N,C,HV,K] and U [B,N,C,HV,V] in mm_dtype."""
+    t = tiling
+    C, K, V = t.C, t.K, t.V
+
+    def kernel(*refs):
+        k_ref, v_ref, g_ref, beta_ref = refs[:4]
+        doc_refs = refs[4:-2]
+        w_ref, u_ref = refs[-2:]
+        k_c = k_ref[...].astype(jnp.float32)
+        beta_c = beta_ref[...]
+        dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
+        kk = mm(k_c, k_c, tb=True, dtype=mm_dtype)
+        A = jnp.where(dec.strict, beta_c[:, None] * kk * dec.gamma, 0.0)
+        T = unit_lower_inverse(A)
+        w_ref[...] = mm(T, k_c * (beta_c * dec.d_in)[:, None], dtype=mm_dtype).astype(w_ref.dtype)
+        for j in range(V // t.BV):  # value tiles bound the live registers for wide V
+            vs = pl.ds(j * t.BV, t.BV)
+            u_ref[:, vs] = mm(T, v_ref[:, vs].astype(jnp.float32) * beta_c[:, None],
+                              dtype=mm_dtype).astype(u_ref.dtype)
+
+    doc_specs = [t.doc_spec()] * len(docs)
+    return backend.call(
+        kernel, grid=t.chunk_grid,
+        in_specs=[t.qk_spec(), t.head_spec(V), t.gate_spec(), t.gate_spec(), *doc_specs],
+        out_specs=[t.head_spec(K), t.head_spec(V)],
+        out_shape=[jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, K), mm_dtype),
+                   jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype)],
+        num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_prepare",
+    )(k, v, g, beta, *docs)
+
+
+def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, out_dtype, residuals: bool):
+    """Returns (o [B,N,C,HV,V] or None, final state [B,HV,K,V], states_in [B,HV,N,K,V] or None,
+    Vnew [B,N,C,HV,V] or None). With residuals=True the output O is skipped and the backward's
+    residuals are written instead."""
+    t = tiling
+    C, K, V, BV = t.C, t.K, t.V, t.BV
+
+    def kernel(*refs):
+        q_ref, k_ref, w_ref, u_ref, g_ref = refs[:5]
+        doc_refs = refs[5:5 + len(docs)]
+        s0_ref = refs[5 + len(docs)]
+        outs = refs[6 + len(docs):]
+        if residuals:
+            sT_ref, s_in_ref, vn_ref = outs
+        else:
+            o_ref, sT_ref = outs
+        b, hv, h = t.heads(pl.program_id(0))
+        vs = pl.ds(pl.program_id(1) * BV, BV)
+
+        def chunk(n, S):
+            k_c = k_ref[b, n, :, h, :].astype(jnp.float32)
+            dec = chunk_decays(g_ref[b, n, :, hv], *load_docs(doc_refs, b, n))
+            vnew = u_ref[b, n, :, hv, vs].astype(jnp.float32) - mm(w_ref[b, n, :, hv, :], S, dtype=mm_dtype)
+            if residuals:
+                s_in_ref[b, hv, n, :, vs] = S
+                vn_ref[b, n, :, hv, vs] = vnew
+            else:
+                q_c = q_ref[b, n, :, h, :].astype(jnp.float32) * t.scale
+                qk = mm(q_c, k_c, tb=True, dtype=mm_dtype) * dec.gamma
+                o = (mm(q_c * dec.d_in[:, None], S, dtype=mm_dtype)
+                     + mm(qk, vnew, dtype=mm_dtype))
+                o_ref[b, n, :, hv, vs] = o.astype(o_ref.dtype)
+            return dec.d_chunk * S + mm(k_c * dec.d_out[:, None], vnew, ta=True, dtype=mm_dtype)
+
+        S = jax.lax.fori_loop(0, t.N, chunk, s0_ref[b, hv, :, vs])
+        sT_ref[b, hv, :, vs] = S
+
+    state = jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)
+    if residuals:
+        out_shape = [state, jax.ShapeDtypeStruct((t.B, t.HV, t.N, K, V), jnp.float32),
+                     jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), jnp.float32)]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), out_dtype), state]
+    whole = backend.WHOLE
+    outs = backend.call(
+        kernel, grid=t.sequential_grid,
+        in_specs=[whole] * (6 + len(docs)), out_specs=[whole] * len(out_shape), out_shape=out_shape,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+        name="gdn_sweep_residuals" if residuals else "gdn_sweep",
+    )(q, k, w, u, g, *docs, initial_state)
+    if residuals:
+        S_final, states_in, vnew = outs
+        return None, S_final, states_in, vnew
+    o, S_final = outs
+    return o, S_final, None, None

@@ -1,0 +1,97 @@
+"""The Pallas gated delta rule: forward and backward kernels joined by `jax.custom_vjp`.
+
+Residuals: only the inputs. The backward recomputes W, U (one chunk-parallel kernel) and the per-chunk
+states and Vnew (one sequential sweep) instead of keeping them from the forward: the states are
+[B, HV, T/C, K, V] float32, K/C (= 2 at K = 128) times the size of v per layer, which would dominate a
+training step's activation memory, while recomputing costs about one forward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import backward, forward
+from kernels_pallas.layout import Tiling
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _pad_last(x, size):
+    pad = size - x.shape[-1]
+    return x if pad == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+
+
+def _mm_dtype(dtype):
+    # bf16/f16 operands use the tensor cores; f32 inputs keep IEEE float32 products.
+    return jnp.dtype(dtype) if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(jnp.float32)
+
+
+def document_masks(reset_BxT, N, C):
+    """(doc, reach_in, reach_out), each [B, N, C]: document index, and whether the state entering the
+    chunk survives to each position / whether each position's write survives to the chunk's end."""
+    doc = jnp.cumsum(reset_BxT.astype(jnp.int32), axis=1).reshape(-1, N, C)
+    before = jnp.concatenate([jnp.zeros_like(doc[:, :1, 0]), doc[:, :-1, -1]], axis=1)
+    reach_in = (doc == before[..., None]).astype(jnp.float32)
+    reach_out = (doc == doc[..., -1:]).astype(jnp.float32)
+    return doc, reach_in, reach_out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _chunked(q, k, v, g, beta, initial_state, docs, t: Tiling):
+    mm_dtype = _mm_dtype(q.dtype)
+    w, u = forward.prepare(k, v, g, beta, docs, t, mm_dtype)
+    o, S_final, _, _ = forward.sweep(q, k, w, u, g, docs, initial_state, t, mm_dtype,
+                                     out_dtype=v.dtype, residuals=False)
+    return o, S_final
+
+
+def _chunked_fwd(q, k, v, g, beta, initial_state, docs, t):
+    return _chunked(q, k, v, g, beta, initial_state, docs, t), (q, k, v, g, beta, initial_state, docs)
+
+
+def _chunked_bwd(t, res, cotangents):
+    q, k, v, g, beta, initial_state, docs = res
+    do, dS_final = cotangents
+    mm_dtype = _mm_dtype(q.dtype)
+    w, u = forward.prepare(k, v, g, beta, docs, t, mm_dtype)
+    _, _, states_in, vnew = forward.sweep(q, k, w, u, g, docs, initial_state, t, mm_dtype,
+                                          out_dtype=v.dtype, residuals=True)
+    dstates_out, dvnew, d_initial = backward.reverse_sweep(q, k, w, g, docs, do, dS_final, t, mm_dtype)
+    dq, dk, dv, dg, dbeta = backward.chunk_grads(q, k, v, g, beta, docs, states_in, dstates_out, do,
+                                                 vnew, dvnew, t, mm_dtype)
+    if t.group > 1:  # value heads that share a q/k head add their gradients
+        dq = dq.reshape(*dq.shape[:3], t.H, t.group, t.K).sum(4)
+        dk = dk.reshape(*dk.shape[:3], t.H, t.group, t.K).sum(4)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, dbeta, d_initial, None)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size,
+                            block_v=64, num_warps=4, num_stages=1):
+    """Same contract as `gdn_jax.chunked.chunk_gated_delta_rule` (T a multiple of chunk_size).
+
+    Head dims are zero-padded to powers of two (Triton's block shapes), which changes nothing: zero
+    key/query columns add nothing to any product and zero value columns give zero outputs.
+    """
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    C = chunk_size
+    N = T // C
+    Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
+    tiling = Tiling(B=B, N=N, C=C, H=H, HV=HV, K=Kp, V=Vp, BV=min(block_v, Vp), scale=float(scale),
+                    has_docs=reset is not None, num_warps=num_warps, num_stages=num_stages)
+    chunked = lambda x: x.reshape(B, N, C, *x.shape[2:])
+    q_, k_ = (chunked(_pad_last(x, Kp)) for x in (q, k))
+    v_ = chunked(_pad_last(v, Vp))
+    g_, beta_ = (chunked(x.astype(jnp.float32)) for x in (g, beta))
+    S0 = _pad_last(jnp.pad(initial_state, [(0, 0), (0, 0), (0, Kp - K), (0, 0)]), Vp)
+    docs = () if reset is None else document_masks(reset, N, C)
+    o, S = _chunked(q_, k_, v_, g_, beta_, S0, docs, tiling)
+    return o.reshape(B, T, HV, Vp)[..., :V], S[:, :, :K, :V]

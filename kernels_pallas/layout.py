@@ -1,0 +1,72 @@
+"""How the kernels see the data: chunked array layouts, tiling, and BlockSpecs.
+
+Arrays travel chunk-major without copies, by reshaping T into (N, C):
+  q, k      [B, N, C, H, K]          v, o, U, Vnew  [B, N, C, HV, V]
+  g, beta   [B, N, C, HV] float32    W              [B, N, C, HV, K]
+  doc, reach_in, reach_out  [B, N, C] (document index and the two survival masks; only with segments)
+  per-chunk states          [B, HV, N, K, V] float32
+Programs are indexed by (chunk n, batch-head bh) for chunk-parallel kernels and by (bh, value tile j)
+for the kernels that walk the chunks in order; value head hv = bh % HV reads q/k head hv // (HV // H).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from jax.experimental import pallas as pl
+
+
+class Tiling(NamedTuple):
+    """Static shape and launch parameters of one call (hashable, so usable as a static argument)."""
+    B: int
+    N: int
+    C: int
+    H: int
+    HV: int
+    K: int                      # padded to a power of two >= 16
+    V: int                      # padded to a power of two >= 16
+    BV: int                     # value-tile width of the sequential kernels
+    scale: float
+    has_docs: bool
+    num_warps: int = 4
+    num_stages: int = 1
+
+    @property
+    def group(self) -> int:
+        return self.HV // self.H
+
+    @property
+    def value_tiles(self) -> int:
+        return self.V // self.BV
+
+    @property
+    def chunk_grid(self) -> tuple[int, int]:
+        return (self.N, self.B * self.HV)
+
+    @property
+    def sequential_grid(self) -> tuple[int, int]:
+        return (self.B * self.HV, self.value_tiles)
+
+    def heads(self, bh):
+        """(batch, value head, q/k head) of program index bh."""
+        b, hv = bh // self.HV, bh % self.HV
+        return b, hv, hv // self.group
+
+    # BlockSpecs for chunk-parallel kernels, grid (n, bh).
+    def qk_spec(self):
+        return pl.BlockSpec((None, None, self.C, None, self.K),
+                            lambda n, bh: (bh // self.HV, n, 0, (bh % self.HV) // self.group, 0))
+
+    def head_spec(self, width):
+        return pl.BlockSpec((None, None, self.C, None, width),
+                            lambda n, bh: (bh // self.HV, n, 0, bh % self.HV, 0))
+
+    def gate_spec(self):
+        return pl.BlockSpec((None, None, self.C, None), lambda n, bh: (bh // self.HV, n, 0, bh % self.HV))
+
+    def doc_spec(self):
+        return pl.BlockSpec((None, None, self.C), lambda n, bh: (bh // self.HV, n, 0))
+
+    def state_spec(self):
+        return pl.BlockSpec((None, None, None, self.K, self.V),
+                            lambda n, bh: (bh // self.HV, bh % self.HV, n, 0, 0))
