@@ -176,3 +176,32 @@ def test_extrapolation_buckets_and_rows():
   rows = perplexity.sequences_from_stream(np.arange(100), seq_len=9, num_seqs=4)
   assert rows.shape == (4, 10) and rows[0, 0] == 0 and rows[-1, -1] == 99
   np.testing.assert_array_equal(np.diff(rows, axis=1), 1)
+
+
+def test_extrapolation_rows_prefer_whole_documents():
+  docs = [list(range(100 * i, 100 * i + n)) for i, n in enumerate((30, 80, 60, 90))]
+  rows, kind = perplexity.extrapolation_rows(docs, seq_len=49, num_seqs=3)
+  assert kind == "documents"
+  assert [r[0] for r in rows] == [300, 100, 200]  # the longest documents, from their start
+  rows, kind = perplexity.extrapolation_rows(docs, seq_len=84, num_seqs=3)
+  assert kind == "stream" and rows.shape == (3, 85)
+  rows, kind = perplexity.extrapolation_rows([[1, 2, 3]], seq_len=7, num_seqs=2)
+  assert kind == "stream, repeated" and rows[0].tolist() == [1, 2, 3, 1, 2, 3, 1, 2]
+
+
+def test_docstring_prose_is_sentences():
+  src = '''
+def f():
+    """Return the thing.
+
+    The thing is computed from the inputs in a careful way, which this paragraph explains at
+    length so that it reads as prose. It has two sentences.
+
+    >>> f()
+    3
+    """
+    return 3
+'''
+  text = niah.prose_from_python([src, "def broken(:"], min_chars=20)
+  assert text == ("The thing is computed from the inputs in a careful way, which this paragraph "
+                  "explains at length so that it reads as prose. It has two sentences.")
