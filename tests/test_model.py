@@ -1,0 +1,142 @@
+"""LM-level tests: packed documents, causality, bf16 vs fp32, remat, sharding names, training steps."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+from configs.model import get_model_config
+from gdn_jax.model import LM, count_params, flops_per_token, positions_from_segments
+
+AXIS_NAMES = {"embed", "vocab", "heads", "mlp", None}
+
+
+def tiny(name, **kw):
+    kw = {"dtype": "float32", "gdn_impl": "chunk", **kw}
+    return LM(get_model_config(name, **kw), rngs=nnx.Rngs(0))
+
+
+def forward(model, tokens, segment_ids=None):
+    return np.asarray(nnx.jit(lambda m, t, s: m(t, s))(model, tokens, segment_ids))
+
+
+def test_positions_restart_per_document():
+    seg = jnp.array([[4, 4, 4, 9, 9, 2], [1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(positions_from_segments(seg, 2, 6),
+                                  [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+
+
+@pytest.mark.parametrize("name", ["tiny_h2", "tiny_deltanet", "tiny_transformer"])
+def test_lm_packed_documents_equal_separate_runs(name):
+    """tiny_h2 covers M, G and S layers (window 16 < the 21-token document)."""
+    model = tiny(name)
+    lengths = [6, 21, 5]
+    T = sum(lengths)
+    tokens = jax.random.randint(jax.random.key(0), (1, T), 0, 256)
+    seg = jnp.concatenate([jnp.full((n,), i, jnp.int32) for i, n in enumerate(lengths)])[None]
+    packed = forward(model, tokens, seg)
+    starts = np.cumsum([0] + lengths[:-1])
+    alone = jnp.stack([jnp.pad(tokens[0, s:s + n], (0, T - n)) for s, n in zip(starts, lengths)])
+    alone = forward(model, alone)  # right pads cannot reach earlier positions (causality)
+    for i, (s, n) in enumerate(zip(starts, lengths)):
+        np.testing.assert_allclose(packed[0, s:s + n], alone[i, :n], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny_h2", "tiny_transformer"])
+def test_lm_is_causal(name):
+    model = tiny(name)
+    tokens = jax.random.randint(jax.random.key(1), (2, 30), 0, 256)
+    changed = tokens.at[:, 20:].set((tokens[:, 20:] + 1) % 256)
+    a, b = forward(model, tokens), forward(model, changed)
+    np.testing.assert_allclose(a[:, :20], b[:, :20], rtol=1e-5, atol=1e-6)
+    assert np.abs(a[:, 20:] - b[:, 20:]).max() > 1e-3
+
+
+def test_logits_float32_and_tied_head():
+    model = tiny("tiny")
+    tokens = jnp.array([[1, 2, 3]], jnp.int32)
+    logits = nnx.jit(lambda m, t: m(t))(model, tokens)
+    assert logits.dtype == jnp.float32
+    # With a tied head, logits are the final hidden state against the embedding table.
+    untied = LM(get_model_config("tiny", dtype="float32", gdn_impl="chunk", tie_embeddings=False),
+                rngs=nnx.Rngs(0))
+    nnx.update(untied.blocks, nnx.state(model.blocks))
+    untied.embedding[...] = model.embedding[...]
+    untied.lm_head[...] = model.embedding[...].T
+    np.testing.assert_allclose(forward(untied, tokens), np.asarray(logits), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny_h2", "tiny_transformer", "tiny_deltanet"])
+def test_bf16_forward_close_to_fp32(name):
+    f32 = tiny(name, dtype="float32")
+    bf16 = tiny(name, dtype="bfloat16")  # same seed, so the same float32 parameters
+    tokens = jax.random.randint(jax.random.key(2), (2, 24), 0, 256)
+    a, b = forward(f32, tokens), forward(bf16, tokens)
+    scale = np.abs(a).max()
+    err = np.abs(a - b).max()
+    assert 0 < err < 0.03 * scale, (err, scale)  # bf16 keeps ~3 significant digits per op
+
+
+def _loss(model, tokens):
+    logits = model(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def test_remat_gives_same_gradients():
+    """Rematerialisation changes what is stored, never the gradient. Remat wraps whole blocks
+    whatever their mixer, so the cheapest-to-compile model (attention only) checks it."""
+    tokens = jax.random.randint(jax.random.key(3), (2, 20), 0, 256)
+    grads = {}
+    for r in ("none", "full", "dots"):
+        model = tiny("tiny_transformer", remat=r)
+        grads[r] = nnx.jit(nnx.grad(_loss))(model, tokens)
+    for r in ("full", "dots"):
+        for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[r])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_deltanet", "tiny_mamba2", "tiny_transformer",
+                                  "tiny_h1", "tiny_h2"])  # tiny_h1 covers SWA
+def test_training_steps_reduce_loss(name):
+    model = tiny(name, dtype="bfloat16")
+    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+    tokens = jax.random.randint(jax.random.key(4), (2, 17), 0, 256)
+
+    @nnx.jit
+    def train_step(model, opt, tokens):
+        loss, grads = nnx.value_and_grad(_loss)(model, tokens)
+        opt.update(model, grads)
+        return loss
+
+    losses = [float(train_step(model, opt, tokens)) for _ in range(6)]
+    assert np.isfinite(losses).all()
+    assert abs(losses[0] - np.log(256)) < 0.1  # small init: near-uniform predictions
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_every_param_has_logical_axis_names():
+    model = tiny("tiny_h2", tie_embeddings=False, layer_pattern="MGSDA", num_layers=5)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = var.get_metadata().get("out_sharding")
+        value = var[...]
+        assert names is not None and len(names) == value.ndim, path
+        assert set(names) <= AXIS_NAMES, (path, names)
+        if value.ndim == 2 and min(value.shape) >= 64 and "conv" not in str(path):
+            assert any(n is not None for n in names), path  # big matrices are shardable
+    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+    assert tuple(specs["embedding"].get_value()) == ("vocab", "embed")
+    assert tuple(specs["lm_head"].get_value()) == ("embed", "vocab")
+    assert tuple(specs["blocks"][0]["mlp"]["down_proj"]["kernel"].get_value()) == ("mlp", "embed")
+
+
+def test_count_params_and_flops():
+    cfg = get_model_config("tiny_h1")
+    model = LM(cfg, rngs=nnx.Rngs(0))
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert count_params(cfg) == n
+    T = 100  # window 16: SWA mean context = (16*17/2 + 84*16) / 100
+    attn = 4 * cfg.attn_num_heads * cfg.attn_head_dim * (16 * 17 / 2 + 84 * 16) / T
+    gdn = 6 * cfg.gdn_head_dim * cfg.gdn_v_dim * cfg.gdn_v_heads
+    assert flops_per_token(cfg, T) == pytest.approx(6 * n + 3 * (attn + gdn))
