@@ -50,7 +50,7 @@ def np_conv(x, w, bias=None, act=True):
     return np_silu(y) if act else y
 
 
-def np_gdn_layer(m, x, decay=True):
+def np_gdn_layer(m, x, decay=True, neg_eigval=False):
     """The whole GDN / DeltaNet layer in float64, loop over t, from the module's parameters."""
     p = lambda a: np.asarray(a[...], np.float64)
     x = np.asarray(x, np.float64)
@@ -62,6 +62,8 @@ def np_gdn_layer(m, x, decay=True):
     q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6)
     k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
     beta = 1 / (1 + np.exp(-(x @ p(m.b_proj.kernel))))
+    if neg_eigval:
+        beta = 2 * beta
     if decay:
         g = -np.exp(p(m.A_log)) * np_softplus(x @ p(m.a_proj.kernel) + p(m.dt_bias))
     else:
@@ -81,11 +83,12 @@ def np_gdn_layer(m, x, decay=True):
     return o.reshape(B, T, -1) @ p(m.o_proj.kernel)
 
 
-@pytest.mark.parametrize("kind", ["G", "D"])
-def test_gdn_layer_matches_float64_reference(kind):
-    m = make(kind, gdn_num_heads=1, gdn_num_v_heads=2)  # GVA: 2 value heads read 1 q/k head
+@pytest.mark.parametrize("kind,neg", [("G", False), ("D", False), ("G", True)])
+def test_gdn_layer_matches_float64_reference(kind, neg):
+    # GVA: 2 value heads read 1 q/k head.
+    m = make(kind, gdn_num_heads=1, gdn_num_v_heads=2, gdn_allow_neg_eigval=neg)
     x = rand((2, 21, 64), 1)
-    np.testing.assert_allclose(run(m, x), np_gdn_layer(m, x, decay=kind == "G"),
+    np.testing.assert_allclose(run(m, x), np_gdn_layer(m, x, decay=kind == "G", neg_eigval=neg),
                                rtol=1e-4, atol=1e-5)
 
 

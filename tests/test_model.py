@@ -118,17 +118,19 @@ def test_training_steps_reduce_loss(name):
 
 def test_every_param_has_logical_axis_names():
     model = tiny("tiny_h2", tie_embeddings=False, layer_pattern="MGSDA", num_layers=5)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        names = var.get_metadata().get("out_sharding")
+    params = nnx.state(model, nnx.Param)
+    specs = dict(nnx.to_flat_state(nnx.get_partition_spec(params)))
+    for path, var in nnx.to_flat_state(params):
+        names = tuple(specs[path].get_value())
         value = var[...]
-        assert names is not None and len(names) == value.ndim, path
+        assert len(names) == value.ndim, path
         assert set(names) <= AXIS_NAMES, (path, names)
         if value.ndim == 2 and min(value.shape) >= 64 and "conv" not in str(path):
             assert any(n is not None for n in names), path  # big matrices are shardable
-    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
-    assert tuple(specs["embedding"].get_value()) == ("vocab", "embed")
-    assert tuple(specs["lm_head"].get_value()) == ("embed", "vocab")
-    assert tuple(specs["blocks"][0]["mlp"]["down_proj"]["kernel"].get_value()) == ("mlp", "embed")
+    assert tuple(specs[("embedding",)].get_value()) == ("vocab", "embed")
+    assert tuple(specs[("lm_head",)].get_value()) == ("embed", "vocab")
+    assert tuple(specs[("blocks", 0, "mlp", "down_proj", "kernel")].get_value()) == ("mlp", "embed")
+    assert tuple(specs[("blocks", 1, "mixer", "q_proj", "kernel")].get_value()) == ("embed", "heads")
 
 
 def test_count_params_and_flops():
