@@ -55,6 +55,7 @@ class ModelConfig:
     attn_head_dim: int = 16  # head dim, features
     window_size: int = 2048  # SWA window: a token sees itself and the window_size - 1 before it
     rope_theta: float = 10000.0  # RoPE base
+    attn_impl: str | None = None  # dot_product_attention backend: None or "xla", or "cudnn" (GPU)
     # Mamba2 mixer ("M").
     mamba_expand: int = 2  # d_inner = mamba_expand * d_model, features
     mamba_head_dim: int = 64  # SSM head dim P, features
@@ -71,6 +72,8 @@ class ModelConfig:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.gdn_impl not in GDN_IMPLS:
             raise ValueError(f"gdn_impl must be one of {GDN_IMPLS}, got {self.gdn_impl!r}")
+        if self.attn_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"attn_impl must be None, 'xla' or 'cudnn', got {self.attn_impl!r}")
         if self.dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if self.gdn_num_v_heads is not None and self.gdn_num_v_heads % self.gdn_num_heads:

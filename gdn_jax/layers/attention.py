@@ -37,6 +37,7 @@ class Attention(nnx.Module):
         dt, std = jnp.dtype(cfg.dtype), cfg.init_std
         self.num_heads, self.num_kv_heads, self.head_dim = N, KV, D
         self.window, self.theta = window, cfg.rope_theta
+        self.impl = cfg.attn_impl
         self.q_proj = linear(d, N * D, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
         self.k_proj = linear(d, KV * D, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
         self.v_proj = linear(d, KV * D, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
@@ -60,7 +61,7 @@ class Attention(nnx.Module):
             mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         window = None if self.window is None else (self.window - 1, 0)
         o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                         local_window_size=window)
+                                         local_window_size=window, implementation=self.impl)
         y = self.o_proj(o.reshape(B, T, -1))
         cache = None
         if cache_len is not None:
