@@ -16,16 +16,21 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def mm(a, b, *, ta: bool = False, tb: bool = False, dtype=None):
+def mm(a, b, *, ta: bool = False, tb: bool = False, dtype=None, precise: bool = True):
     """2-D matmul with float32 accumulation: (a or aᵀ) @ (b or bᵀ).
 
-    Operands are cast to `dtype` first (the inputs' dtype: bf16 operands run on the tensor cores; f32
-    operands use IEEE float32 arithmetic in the Triton lowering, not TF32).
+    Operands are cast to `dtype` first (the inputs' dtype: bf16 operands run on the tensor cores).
+    Float32 operands use IEEE float32 products when `precise`, TF32 tensor-core products otherwise
+    (on the CPU interpreter both are exact float32).
     """
     if dtype is not None:
         a, b = a.astype(dtype), b.astype(dtype)
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    # The Triton lowering maps DEFAULT to TF32 for float32 operands, HIGHEST to IEEE float32.
+    precision = None
+    if a.dtype == jnp.float32:
+        precision = jax.lax.Precision.HIGHEST if precise else jax.lax.Precision.DEFAULT
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def call(kernel, *, out_shape, grid, in_specs, out_specs, num_warps: int, num_stages: int, name: str,

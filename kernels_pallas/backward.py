@@ -5,11 +5,14 @@
                  dVnew = (Q K^T * Gamma)^T dO + (d_out * K) dS
                  dS   <- d_chunk dS + (d_in * Q)^T dO - W^T dVnew
                  writes dS per chunk, dVnew, and finally d(initial_state).
-  chunk_grads    grid (N, B*HV): with the chunk's entering state S, its dS, Vnew and dVnew, every
-                 gradient is chunk-local. T = (I + A)^-1 and the decays are recomputed (cheaper than
-                 storing them). The WY chain rule, with R = beta*V - (beta*d_in*K) S so that Vnew = T R:
-                   dT = dVnew R^T,   dA = -T^T dT T^T (strict lower part),
-                 then dA, dGamma and the decays give dK, dbeta and dG, and dg is the reverse cumsum of dG.
+  pair_grads     grid (N, B*HV): with the chunk's Vnew and dVnew, the [C, C]-level gradients. The WY
+                 chain rule, with R = beta*V - (beta*d_in*K) S = (I + A) Vnew so that Vnew = T R:
+                   dT = dVnew R^T,   dA = -T^T dT T^T (strict lower part),   dv = beta T^T dVnew.
+  key_grads      grid (N, B*HV, K/BK): with the chunk's entering state S and its dS, dq and dk for one
+                 key tile, plus partial sums of the gate terms that contract over K.
+  Each chunk's dG (gradient of its cumulative log-decay) is the sum of both halves' terms; dg is its
+  reverse cumsum within the chunk. T comes from the backward's run of `prepare`; the decays are
+  recomputed in every kernel (a few exps per element, cheaper than storing them).
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas import backend
 from kernels_pallas.backend import mm
-from kernels_pallas.chunk_math import (chunk_decays, gate_grad_from_pairs, reverse_cumsum,
-                                       unit_lower_inverse)
+from kernels_pallas.chunk_math import chunk_decays, gate_grad_from_pairs
 from kernels_pallas.forward import load_docs
 from kernels_pallas.layout import Tiling
 
@@ -64,81 +66,119 @@ def reverse_sweep(q, k, w, g, docs, do, dS_final, tiling: Tiling, mm_dtype):
     )(q, k, w, g, *docs, do, dS_final)
 
 
-def chunk_grads(q, k, v, g, beta, docs, states_in, dstates_out, do, vnew, dvnew, tiling: Tiling, mm_dtype):
-    """Returns dq, dk per value head [B,N,C,HV,K] f32, dv [B,N,C,HV,V] f32, dg and dbeta [B,N,C,HV] f32."""
+def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dtype):
+    """The [C, C]-level half of the chunk gradients, grid (N, B*HV), value tiles in an inner loop.
+
+    With R = (I + A) Vnew (so that Vnew = T R): dT = dVnew R^T = (dVnew Vnew^T)(I + A)^T and
+    dA = -T^T dT T^T on the strict lower triangle. Writes dv = beta T^T dVnew, the masked gradients of
+    Q K^T (d_qk) and of K K^T through A (Y), and this half's terms of dG and dbeta.
+    """
     t = tiling
     C, K, V, BV = t.C, t.K, t.V, t.BV
 
     def kernel(*refs):
         q_ref, k_ref, v_ref, g_ref, beta_ref = refs[:5]
         doc_refs = refs[5:5 + len(docs)]
-        (s_ref, dso_ref, do_ref, vn_ref, dvn_ref,
-         dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref) = refs[5 + len(docs):]
+        T_ref, do_ref, vn_ref, dvn_ref, dv_ref, dqk_ref, y_ref, dG_ref, dbeta_ref = refs[5 + len(docs):]
         f32 = jnp.float32
         q_c = q_ref[...].astype(f32) * t.scale
         k_c = k_ref[...].astype(f32)
         beta_c = beta_ref[...]
+        T = T_ref[...]
         dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
-        kk = mm(k_c, k_c, tb=True, dtype=mm_dtype)
-        T = unit_lower_inverse(jnp.where(dec.strict, beta_c[:, None] * kk * dec.gamma, 0.0))
-        kbg = k_c * (beta_c * dec.d_in)[:, None]
-
-        dq_raw = jnp.zeros((C, K), f32)   # dO S^T
-        dk_out = jnp.zeros((C, K), f32)   # Vnew dS^T: gradient of (d_out * K)
-        dW = jnp.zeros((C, K), f32)       # -dVnew S^T
         do_vn = jnp.zeros((C, C), f32)    # dO Vnew^T
-        dT = jnp.zeros((C, C), f32)
+        dvn_vn = jnp.zeros((C, C), f32)   # dVnew Vnew^T
         dbeta = jnp.zeros((C,), f32)
-        s_ds = jnp.zeros((), f32)         # <S, dS>, for the chunk decay
         for j in range(V // BV):
             vs = pl.ds(j * BV, BV)
-            S, dS = s_ref[:, vs], dso_ref[:, vs]
             do_c, vn, dvn = do_ref[:, vs].astype(f32), vn_ref[:, vs], dvn_ref[:, vs]
-            v_c = v_ref[:, vs].astype(f32)
-            dq_raw += mm(do_c, S, tb=True, dtype=mm_dtype)
-            dk_out += mm(vn, dS, tb=True, dtype=mm_dtype)
-            dW -= mm(dvn, S, tb=True, dtype=mm_dtype)
             do_vn += mm(do_c, vn, tb=True, dtype=mm_dtype)
-            dT += mm(dvn, v_c * beta_c[:, None], tb=True, dtype=mm_dtype)
+            dvn_vn += mm(dvn, vn, tb=True, dtype=mm_dtype)
             t_dvn = mm(T, dvn, ta=True, dtype=mm_dtype)              # T^T dVnew = d(beta V)
             dv_ref[:, vs] = t_dvn * beta_c[:, None]
-            dbeta += jnp.sum(t_dvn * v_c, axis=1)
-            s_ds += jnp.sum(S * dS)
+            dbeta += jnp.sum(t_dvn * v_ref[:, vs].astype(f32), axis=1)
 
-        dT += mm(dW, kbg, tb=True, dtype=mm_dtype)
-        dkbg = mm(T, dW, ta=True, dtype=mm_dtype)                    # T^T dW = d(beta d_in K)
+        kk = mm(k_c, k_c, tb=True, dtype=mm_dtype)
+        A = jnp.where(dec.strict, beta_c[:, None] * kk * dec.gamma, 0.0)
+        eye = (jax.lax.broadcasted_iota(jnp.int32, (C, C), 0)
+               == jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)).astype(f32)
+        dT = mm(dvn_vn, eye + A, tb=True, dtype=mm_dtype)
         dA = -mm(mm(T, dT, ta=True, dtype=mm_dtype), T, tb=True, dtype=mm_dtype)
-        dA = jnp.where(dec.strict, dA, 0.0)
-        qk = mm(q_c, k_c, tb=True, dtype=mm_dtype)
+        z_a = jnp.where(dec.strict, dA * kk * dec.gamma, 0.0)       # dA * dA/dbeta_r
         d_qk = do_vn * dec.gamma                                     # gradient of Q K^T, masked
-        z_a = dA * kk * dec.gamma                                    # dA * dA/dbeta_r
-        kbg_dot = jnp.sum(dkbg * k_c, axis=1)
-        dbeta += jnp.sum(z_a, axis=1) + dec.d_in * kbg_dot
-
-        x_out = dec.d_out * jnp.sum(k_c * dk_out, axis=1)
-        dG = (gate_grad_from_pairs(qk * d_qk) + gate_grad_from_pairs(z_a * beta_c[:, None])
-              + dec.d_in * jnp.sum(q_c * dq_raw, axis=1)
-              + beta_c * dec.d_in * kbg_dot - x_out
-              + jnp.where(dec.is_last, jnp.sum(x_out) + dec.d_chunk * s_ds, 0.0))
-        dg_ref[...] = reverse_cumsum(dG)
-        dbeta_ref[...] = dbeta
-
-        dq_ref[...] = (dq_raw * dec.d_in[:, None] + mm(d_qk, k_c, dtype=mm_dtype)) * t.scale
-        Y = dA * dec.gamma * beta_c[:, None]                         # gradient of K K^T through A
-        dk_ref[...] = (mm(d_qk, q_c, ta=True, dtype=mm_dtype) + dk_out * dec.d_out[:, None]
-                       + dkbg * (beta_c * dec.d_in)[:, None]
-                       + mm(Y, k_c, dtype=mm_dtype) + mm(Y, k_c, ta=True, dtype=mm_dtype))
+        qk = mm(q_c, k_c, tb=True, dtype=mm_dtype)
+        dqk_ref[...] = d_qk
+        y_ref[...] = jnp.where(dec.strict, dA * dec.gamma, 0.0) * beta_c[:, None]
+        dG_ref[...] = gate_grad_from_pairs(qk * d_qk) + gate_grad_from_pairs(z_a * beta_c[:, None])
+        dbeta_ref[...] = dbeta + jnp.sum(z_a, axis=1)
 
     f32 = jnp.float32
     gate = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV), f32)
+    pair = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, C), f32)
     return backend.call(
         kernel, grid=t.chunk_grid,
         in_specs=[t.qk_spec(), t.qk_spec(), t.head_spec(V), t.gate_spec(), t.gate_spec(),
-                  *[t.doc_spec()] * len(docs), t.state_spec(), t.state_spec(),
+                  *[t.doc_spec()] * len(docs), t.head_spec(C),
                   t.head_spec(V), t.head_spec(V), t.head_spec(V)],
-        out_specs=[t.head_spec(K), t.head_spec(K), t.head_spec(V), t.gate_spec(), t.gate_spec()],
-        out_shape=[jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, K), f32),
-                   jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, K), f32),
-                   jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), f32), gate, gate],
-        num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_chunk_grads",
-    )(q, k, v, g, beta, *docs, states_in, dstates_out, do, vnew, dvnew)
+        out_specs=[t.head_spec(V), t.head_spec(C), t.head_spec(C), t.gate_spec(), t.gate_spec()],
+        out_shape=[jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), f32), pair, pair, gate, gate],
+        num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_pair_grads",
+    )(q, k, v, g, beta, *docs, T, do, vnew, dvnew)
+
+
+def key_grads(q, k, g, beta, docs, T, d_qk, Y, states_in, dstates_out, do, vnew, dvnew,
+              tiling: Tiling, mm_dtype):
+    """The [C, K]-level half, grid (N, B*HV, K/BK): dq and dk per value head for one key tile, and this
+    tile's partial sums of the dG and dbeta terms that contract over K (summed outside)."""
+    t = tiling
+    C, V, BV, BK = t.C, t.V, t.BV, t.BK
+
+    def kernel(*refs):
+        q_ref, k_ref, g_ref, beta_ref = refs[:4]
+        doc_refs = refs[4:4 + len(docs)]
+        (T_ref, dqk_ref, y_ref, s_ref, dso_ref, do_ref, vn_ref, dvn_ref,
+         dq_ref, dk_ref, dG_ref, dbeta_ref) = refs[4 + len(docs):]
+        f32 = jnp.float32
+        q_c = q_ref[...].astype(f32) * t.scale
+        k_c = k_ref[...].astype(f32)
+        beta_c = beta_ref[...]
+        T = T_ref[...]
+        dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
+        dq_raw = jnp.zeros((C, BK), f32)   # dO S^T
+        dk_out = jnp.zeros((C, BK), f32)   # Vnew dS^T: gradient of (d_out * K)
+        dkbg = jnp.zeros((C, BK), f32)     # -(T^T dVnew) S^T: gradient of (beta * d_in * K)
+        s_ds = jnp.zeros((), f32)          # <S, dS> over this key tile
+        for j in range(V // BV):
+            vs = pl.ds(j * BV, BV)
+            S, dS = s_ref[:, vs], dso_ref[:, vs]
+            dq_raw += mm(do_ref[:, vs], S, tb=True, dtype=mm_dtype)
+            dk_out += mm(vn_ref[:, vs], dS, tb=True, dtype=mm_dtype)
+            t_dvn = mm(T, dvn_ref[:, vs], ta=True, dtype=mm_dtype)
+            dkbg -= mm(t_dvn, S, tb=True, dtype=mm_dtype)
+            s_ds += jnp.sum(S * dS)
+
+        d_qk, Y = dqk_ref[...], y_ref[...]
+        dq_ref[...] = (dq_raw * dec.d_in[:, None] + mm(d_qk, k_c, dtype=mm_dtype)) * t.scale
+        dk_ref[...] = (mm(d_qk, q_c, ta=True, dtype=mm_dtype) + dk_out * dec.d_out[:, None]
+                       + dkbg * (beta_c * dec.d_in)[:, None]
+                       + mm(Y, k_c, dtype=mm_dtype) + mm(Y, k_c, ta=True, dtype=mm_dtype))
+        kbg_dot = dec.d_in * jnp.sum(dkbg * k_c, axis=1)
+        x_out = dec.d_out * jnp.sum(k_c * dk_out, axis=1)
+        dG_ref[...] = (dec.d_in * jnp.sum(q_c * dq_raw, axis=1) + beta_c * kbg_dot - x_out
+                       + jnp.where(dec.is_last, jnp.sum(x_out) + dec.d_chunk * s_ds, 0.0))
+        dbeta_ref[...] = kbg_dot
+
+    f32 = jnp.float32
+    per_key = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, t.K), f32)
+    partial = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, t.K // BK), f32)
+    return backend.call(
+        kernel, grid=t.key_tiled_grid,
+        in_specs=[t.qk_spec(key_tiled=True), t.qk_spec(key_tiled=True), t.gate_spec(), t.gate_spec(),
+                  *[t.doc_spec()] * len(docs), t.head_spec(C), t.head_spec(C), t.head_spec(C),
+                  t.state_spec(key_tiled=True), t.state_spec(key_tiled=True),
+                  t.head_spec(V), t.head_spec(V), t.head_spec(V)],
+        out_specs=[t.head_spec(BK, key_tiled=True), t.head_spec(BK, key_tiled=True),
+                   t.partial_spec(), t.partial_spec()],
+        out_shape=[per_key, per_key, partial, partial],
+        num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_key_grads",
+    )(q, k, g, beta, *docs, T, d_qk, Y, states_in, dstates_out, do, vnew, dvnew)

@@ -30,21 +30,24 @@ def load_docs(doc_refs, *index):
     return tuple(r[index] if index else r[...] for r in doc_refs)
 
 
-def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype):
-    """W [B,N,C,HV,K] and U [B,N,C,HV,V] in mm_dtype."""
+def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, save_T: bool = False):
+    """W [B,N,C,HV,K] and U [B,N,C,HV,V] in mm_dtype, and with save_T also T [B,N,C,HV,C] float32."""
     t = tiling
     C, K, V = t.C, t.K, t.V
+    n_out = 3 if save_T else 2
 
     def kernel(*refs):
         k_ref, v_ref, g_ref, beta_ref = refs[:4]
-        doc_refs = refs[4:-2]
-        w_ref, u_ref = refs[-2:]
+        doc_refs = refs[4:-n_out]
+        w_ref, u_ref = refs[-n_out:][:2]
         k_c = k_ref[...].astype(jnp.float32)
         beta_c = beta_ref[...]
         dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
         kk = mm(k_c, k_c, tb=True, dtype=mm_dtype)
         A = jnp.where(dec.strict, beta_c[:, None] * kk * dec.gamma, 0.0)
-        T = unit_lower_inverse(A)
+        T = unit_lower_inverse(A, mm_precise=mm_dtype == jnp.float32)
+        if save_T:
+            refs[-1][...] = T
         w_ref[...] = mm(T, k_c * (beta_c * dec.d_in)[:, None], dtype=mm_dtype).astype(w_ref.dtype)
         for j in range(V // t.BV):  # value tiles bound the live registers for wide V
             vs = pl.ds(j * t.BV, t.BV)
@@ -52,12 +55,14 @@ def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype):
                               dtype=mm_dtype).astype(u_ref.dtype)
 
     doc_specs = [t.doc_spec()] * len(docs)
+    out_specs = [t.head_spec(K), t.head_spec(V), t.head_spec(C)][:n_out]
+    out_shape = [jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, K), mm_dtype),
+                 jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype),
+                 jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, C), jnp.float32)][:n_out]
     return backend.call(
         kernel, grid=t.chunk_grid,
         in_specs=[t.qk_spec(), t.head_spec(V), t.gate_spec(), t.gate_spec(), *doc_specs],
-        out_specs=[t.head_spec(K), t.head_spec(V)],
-        out_shape=[jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, K), mm_dtype),
-                   jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype)],
+        out_specs=out_specs, out_shape=out_shape,
         num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_prepare",
     )(k, v, g, beta, *docs)
 

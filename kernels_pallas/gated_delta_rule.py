@@ -58,12 +58,16 @@ def _chunked_bwd(t, res, cotangents):
     q, k, v, g, beta, initial_state, docs = res
     do, dS_final = cotangents
     mm_dtype = _mm_dtype(q.dtype)
-    w, u = forward.prepare(k, v, g, beta, docs, t, mm_dtype)
+    w, u, T = forward.prepare(k, v, g, beta, docs, t, mm_dtype, save_T=True)
     _, _, states_in, vnew = forward.sweep(q, k, w, u, g, docs, initial_state, t, mm_dtype,
                                           out_dtype=v.dtype, residuals=True)
     dstates_out, dvnew, d_initial = backward.reverse_sweep(q, k, w, g, docs, do, dS_final, t, mm_dtype)
-    dq, dk, dv, dg, dbeta = backward.chunk_grads(q, k, v, g, beta, docs, states_in, dstates_out, do,
-                                                 vnew, dvnew, t, mm_dtype)
+    dv, d_qk, Y, dG, dbeta = backward.pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, t, mm_dtype)
+    dq, dk, dG_keys, dbeta_keys = backward.key_grads(q, k, g, beta, docs, T, d_qk, Y, states_in,
+                                                     dstates_out, do, vnew, dvnew, t, mm_dtype)
+    dG = dG + dG_keys.sum(-1)
+    dg = jnp.flip(jnp.cumsum(jnp.flip(dG, 2), 2), 2)  # g -> G is a cumsum within each chunk
+    dbeta = dbeta + dbeta_keys.sum(-1)
     if t.group > 1:  # value heads that share a q/k head add their gradients
         dq = dq.reshape(*dq.shape[:3], t.H, t.group, t.K).sum(4)
         dk = dk.reshape(*dk.shape[:3], t.H, t.group, t.K).sum(4)
@@ -74,7 +78,7 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size,
-                            block_v=64, num_warps=4, num_stages=1):
+                            block_v=64, block_k=64, num_warps=4, num_stages=1):
     """Same contract as `gdn_jax.chunked.chunk_gated_delta_rule` (T a multiple of chunk_size).
 
     Head dims are zero-padded to powers of two (Triton's block shapes), which changes nothing: zero
@@ -85,7 +89,7 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
     C = chunk_size
     N = T // C
     Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
-    tiling = Tiling(B=B, N=N, C=C, H=H, HV=HV, K=Kp, V=Vp, BV=min(block_v, Vp), scale=float(scale),
+    tiling = Tiling(B=B, N=N, C=C, H=H, HV=HV, K=Kp, V=Vp, BV=min(block_v, Vp), BK=min(block_k, Kp), scale=float(scale),
                     has_docs=reset is not None, num_warps=num_warps, num_stages=num_stages)
     chunked = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q_, k_ = (chunked(_pad_last(x, Kp)) for x in (q, k))

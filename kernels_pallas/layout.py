@@ -25,7 +25,8 @@ class Tiling(NamedTuple):
     HV: int
     K: int                      # padded to a power of two >= 16
     V: int                      # padded to a power of two >= 16
-    BV: int                     # value-tile width of the sequential kernels
+    BV: int                     # value-tile width (sequential kernels' programs; inner loops elsewhere)
+    BK: int                     # key-tile width of the key-tiled gradient kernel
     scale: float
     has_docs: bool
     num_warps: int = 4
@@ -44,6 +45,10 @@ class Tiling(NamedTuple):
         return (self.N, self.B * self.HV)
 
     @property
+    def key_tiled_grid(self) -> tuple[int, int, int]:
+        return (self.N, self.B * self.HV, self.K // self.BK)
+
+    @property
     def sequential_grid(self) -> tuple[int, int]:
         return (self.B * self.HV, self.value_tiles)
 
@@ -52,21 +57,33 @@ class Tiling(NamedTuple):
         b, hv = bh // self.HV, bh % self.HV
         return b, hv, hv // self.group
 
-    # BlockSpecs for chunk-parallel kernels, grid (n, bh).
-    def qk_spec(self):
-        return pl.BlockSpec((None, None, self.C, None, self.K),
-                            lambda n, bh: (bh // self.HV, n, 0, (bh % self.HV) // self.group, 0))
-
-    def head_spec(self, width):
+    # BlockSpecs for chunk-parallel kernels, grid (n, bh) or (n, bh, key tile kt).
+    def qk_spec(self, key_tiled=False):
+        width = self.BK if key_tiled else self.K
         return pl.BlockSpec((None, None, self.C, None, width),
-                            lambda n, bh: (bh // self.HV, n, 0, bh % self.HV, 0))
+                            lambda n, bh, kt=0: (bh // self.HV, n, 0, (bh % self.HV) // self.group, kt))
+
+    def head_spec(self, width, key_tiled=False):
+        """[C, width] of value head hv; key_tiled: width is BK and the block follows the key tile."""
+        if key_tiled:
+            return pl.BlockSpec((None, None, self.C, None, self.BK),
+                                lambda n, bh, kt: (bh // self.HV, n, 0, bh % self.HV, kt))
+        return pl.BlockSpec((None, None, self.C, None, width),
+                            lambda n, bh, *_: (bh // self.HV, n, 0, bh % self.HV, 0))
 
     def gate_spec(self):
-        return pl.BlockSpec((None, None, self.C, None), lambda n, bh: (bh // self.HV, n, 0, bh % self.HV))
+        return pl.BlockSpec((None, None, self.C, None),
+                            lambda n, bh, *_: (bh // self.HV, n, 0, bh % self.HV))
+
+    def partial_spec(self):
+        """[C] slot kt of a [B, N, C, HV, K // BK] array of per-key-tile partial sums."""
+        return pl.BlockSpec((None, None, self.C, None, None),
+                            lambda n, bh, kt: (bh // self.HV, n, 0, bh % self.HV, kt))
 
     def doc_spec(self):
-        return pl.BlockSpec((None, None, self.C), lambda n, bh: (bh // self.HV, n, 0))
+        return pl.BlockSpec((None, None, self.C), lambda n, bh, *_: (bh // self.HV, n, 0))
 
-    def state_spec(self):
-        return pl.BlockSpec((None, None, None, self.K, self.V),
-                            lambda n, bh: (bh // self.HV, bh % self.HV, n, 0, 0))
+    def state_spec(self, key_tiled=False):
+        rows = self.BK if key_tiled else self.K
+        return pl.BlockSpec((None, None, None, rows, self.V),
+                            lambda n, bh, kt=0: (bh // self.HV, bh % self.HV, n, kt, 0))
