@@ -111,8 +111,19 @@ def main(argv=None) -> int:
     print(args.generate + text)
     return 0
 
-  from gdn_jax.evaluate import runner
   out_dir = args.out or os.path.join(args.workdir, "eval")
+  try:
+    evaluate(run, args, out_dir)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  log(f"wrote {os.path.join(out_dir, 'results.json')}")
+  return 0
+
+
+def evaluate(run, args: argparse.Namespace, out_dir: str) -> dict:
+  """Runs args.tasks on a loaded run (gdn_jax.evaluate.loading.Run); writes results.json + plots."""
+  from gdn_jax.evaluate import loading, runner
   os.makedirs(out_dir, exist_ok=True)
   train_len = run.cfg.data.seq_len
   results = {"workdir": os.path.abspath(args.workdir), "step": run.step,
@@ -120,9 +131,10 @@ def main(argv=None) -> int:
              "train_seq_len": train_len, "tokenizer": run.cfg.data.tokenizer,
              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "seconds": {}}
-  nll_fn = runner.make_nll_fn(run.model) if {"ppl", "extrapolation"} & set(args.tasks) else None
+  needs_text = {"ppl", "extrapolation"} & set(args.tasks)
+  nll_fn = runner.make_nll_fn(run.model) if needs_text else None
   docs = source = None
-  if {"ppl", "extrapolation"} & set(args.tasks):
+  if needs_text:
     docs, source = loading.heldout_token_docs(run, args.data)
 
   for task in args.tasks:
@@ -154,8 +166,7 @@ def main(argv=None) -> int:
       results["niah"]["haystack_source"] = essay_source
     results["seconds"][task] = round(time.time() - t0, 2)
     _write(results, out_dir)
-  log(f"wrote {os.path.join(out_dir, 'results.json')}")
-  return 0
+  return results
 
 
 def _write(results: dict, out_dir: str) -> None:

@@ -180,7 +180,7 @@ def breakdown(shape, bv, w, s, iters):
     B, T, H, K, V = shape
     C = 64
     N = T // C
-    t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=bv, BK=64, scale=K ** -0.5, has_docs=False,
+    t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=bv, BK=min(64, K), scale=K ** -0.5, has_docs=False,
                num_warps=w, num_stages=s)
     ch = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q, k, v, g, beta, do = map(ch, (q, k, v, g, beta, dO.astype(jnp.bfloat16)))
