@@ -25,6 +25,20 @@ import numpy as np
 NllFn = Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]
 
 
+class Progress:
+  """Logs "what i/n  elapsed" at most every `every` seconds, and always for the last item."""
+
+  def __init__(self, log: Callable[[str], None] | None, what: str, total: int, every: float = 10.0):
+    self.log, self.what, self.total, self.every = log, what, total, every
+    self.t0 = self.last = time.time()
+
+  def __call__(self, done: int) -> None:
+    now = time.time()
+    if self.log and (done >= self.total or now - self.last >= self.every):
+      self.log(f"  {self.what} {done}/{self.total}  {now - self.t0:.1f}s")
+      self.last = now
+
+
 def pack_documents(docs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
   """Concatenate tokenized documents; segment ids count documents from 1."""
   docs = [np.asarray(d, np.int32) for d in docs if len(d)]
@@ -63,14 +77,14 @@ def perplexity(nll_fn: NllFn, tokens_N: np.ndarray, segs_N: np.ndarray, *, windo
     z = np.zeros((extra, window), np.int32)
     inputs, targets = np.concatenate([inputs, z]), np.concatenate([targets, z])
     seg_in, mask = np.concatenate([seg_in, z]), np.concatenate([mask, z.astype(bool)])
-  total, count, t0 = 0.0, 0, time.time()
+  total, count = 0.0, 0
+  progress = Progress(log, "ppl: windows", num)
   for b in range(0, len(inputs), batch_size):
     sl = slice(b, b + batch_size)
     nll = np.asarray(nll_fn(inputs[sl], targets[sl], seg_in[sl]), np.float64)
     total += float(nll[mask[sl]].sum())
     count += int(mask[sl].sum())
-    if log:
-      log(f"  ppl: windows {min(b + batch_size, num)}/{num}  {time.time() - t0:.1f}s")
+    progress(min(b + batch_size, num))
   if count == 0:
     raise ValueError("no scored tokens")
   return {"perplexity": math.exp(total / count), "nll_per_token": total / count,
@@ -114,12 +128,11 @@ def per_position_loss(nll_fn: NllFn, rows_BxL1: np.ndarray, *,
   """Mean NLL at each position, [seq_len], over rows of seq_len + 1 tokens; one row per call so a
   long sequence needs the memory of one."""
   total = np.zeros(rows_BxL1.shape[1] - 1)
-  t0 = time.time()
+  progress = Progress(log, "extrapolation: sequences", len(rows_BxL1))
   for i, row in enumerate(rows_BxL1):
     nll = nll_fn(row[None, :-1], row[None, 1:], None)
     total += np.asarray(nll, np.float64)[0]
-    if log:
-      log(f"  extrapolation: sequence {i + 1}/{len(rows_BxL1)}  {time.time() - t0:.1f}s")
+    progress(i + 1)
   return total / len(rows_BxL1)
 
 
