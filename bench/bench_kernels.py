@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -52,12 +53,13 @@ def make_inputs(shape, seed=0, dtype=jnp.bfloat16):
     return (q.astype(dtype), k.astype(dtype), v.astype(dtype), g, beta), dO
 
 
-def pallas_fn(block_v, num_warps, num_stages):
+def pallas_fn(block_v, num_warps, num_stages, sweep_warps):
     def f(q, k, v, g, beta):
         B, T, H, K = q.shape
         return pallas_gated_delta_rule(
             q, k, v, g, beta, scale=K ** -0.5, initial_state=jnp.zeros((B, H, K, v.shape[-1]), jnp.float32),
-            reset=None, chunk_size=64, block_v=block_v, num_warps=num_warps, num_stages=num_stages)
+            reset=None, chunk_size=64, block_v=block_v, num_warps=num_warps, num_stages=num_stages,
+            sweep_warps=sweep_warps)
     return f
 
 
@@ -172,7 +174,7 @@ def fla_runner():
     return run
 
 
-def breakdown(shape, bv, w, s, iters):
+def breakdown(shape, bv, w, s, sw, iters):
     """Milliseconds of each kernel of one forward+backward at this shape (bf16)."""
     from kernels_pallas import backward, forward
     from kernels_pallas.layout import Tiling
@@ -181,7 +183,7 @@ def breakdown(shape, bv, w, s, iters):
     C = 64
     N = T // C
     t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=bv, BK=min(64, K), scale=K ** -0.5, has_docs=False,
-               num_warps=w, num_stages=s)
+               num_warps=w, sweep_warps=sw, num_stages=s)
     ch = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q, k, v, g, beta, do = map(ch, (q, k, v, g, beta, dO.astype(jnp.bfloat16)))
     S0 = jnp.zeros((B, H, K, V), jnp.float32)
@@ -210,18 +212,17 @@ def breakdown(shape, bv, w, s, iters):
 
 def parse_variants(text):
     out = []
-    for item in text.split(","):  # e.g. bv64w4s1
-        bv = int(item.split("bv")[1].split("w")[0])
-        rest = item.split("w")[1]
-        w, s = (rest.split("s") + ["1"])[:2]
-        out.append((item, bv, int(w), int(s)))
+    for item in text.split(","):  # e.g. bv64w4s1x8: block_v 64, 4 warps, 1 stage, 8 sweep warps
+        nums = dict(re.findall(r"([a-z]+)(\d+)", item))
+        w = int(nums.get("w", 4))
+        out.append((item, int(nums.get("bv", 64)), w, int(nums.get("s", 1)), int(nums.get("x", w))))
     return out
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="all", help=f"comma list of {list(SHAPES)} or 'all'")
-    p.add_argument("--variants", default="bv64w4", help="pallas tilings: bv<block_v>w<warps>[s<stages>]")
+    p.add_argument("--variants", default="bv64w4", help="pallas tilings: bv<block_v>w<warps>[s<stages>][x<sweep warps>]")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--no-chunk", action="store_true", help="skip timing the plain-XLA chunk path")
@@ -244,10 +245,10 @@ def main():
         if not args.no_check:
             row["errors"] = check(pallas_fn(*variants[0][1:]), inputs, dO)
             print(name, "errors vs f32 chunk:", row["errors"], flush=True)
-        for vname, bv, w, s in variants:
+        for vname, bv, w, s, sw in variants:
             if args.breakdown:
-                print(name, vname, "breakdown ms:", breakdown(shape, bv, w, s, args.iters), flush=True)
-            fwd, grad = fwd_and_grad(pallas_fn(bv, w, s), dO)
+                print(name, vname, "breakdown ms:", breakdown(shape, bv, w, s, sw, args.iters), flush=True)
+            fwd, grad = fwd_and_grad(pallas_fn(bv, w, s, sw), dO)
             row[f"pallas_{vname}"] = (time_jax(fwd, inputs, args.iters), time_jax(grad, inputs, args.iters),
                                       temp_mib(grad, inputs))
             print(name, vname, row[f"pallas_{vname}"], flush=True)

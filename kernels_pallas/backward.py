@@ -29,7 +29,8 @@ from kernels_pallas.layout import Tiling
 
 
 def reverse_sweep(q, k, w, g, docs, do, dS_final, tiling: Tiling, mm_dtype):
-    """Returns (dS leaving each chunk [B,HV,N,K,V] f32, dVnew [B,N,C,HV,V] f32, d initial state)."""
+    """Returns (dS leaving each chunk [B,HV,N,K,V], dVnew [B,N,C,HV,V], both in mm_dtype, and the
+    float32 gradient of the initial state)."""
     t = tiling
     C, K, V, BV = t.C, t.K, t.V, t.BV
 
@@ -48,8 +49,8 @@ def reverse_sweep(q, k, w, g, docs, do, dS_final, tiling: Tiling, mm_dtype):
             do_c = do_ref[b, n, :, hv, vs].astype(jnp.float32)
             qk = mm(q_c, k_c, tb=True, dtype=mm_dtype) * dec.gamma
             dvn = mm(qk, do_c, ta=True, dtype=mm_dtype) + mm(k_c * dec.d_out[:, None], dS, dtype=mm_dtype)
-            ds_out_ref[b, hv, n, :, vs] = dS
-            dvn_ref[b, n, :, hv, vs] = dvn
+            ds_out_ref[b, hv, n, :, vs] = dS.astype(ds_out_ref.dtype)
+            dvn_ref[b, n, :, hv, vs] = dvn.astype(dvn_ref.dtype)
             return (dec.d_chunk * dS + mm(q_c * dec.d_in[:, None], do_c, ta=True, dtype=mm_dtype)
                     - mm(w_ref[b, n, :, hv, :], dvn, ta=True, dtype=mm_dtype))
 
@@ -59,10 +60,10 @@ def reverse_sweep(q, k, w, g, docs, do, dS_final, tiling: Tiling, mm_dtype):
     return backend.call(
         kernel, grid=t.sequential_grid,
         in_specs=[whole] * (6 + len(docs)), out_specs=[whole] * 3,
-        out_shape=[jax.ShapeDtypeStruct((t.B, t.HV, t.N, K, V), jnp.float32),
-                   jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((t.B, t.HV, t.N, K, V), mm_dtype),
+                   jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype),
                    jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)],
-        num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_reverse_sweep",
+        num_warps=t.sweep_warps, num_stages=t.num_stages, name="gdn_reverse_sweep",
     )(q, k, w, g, *docs, do, dS_final)
 
 
@@ -91,7 +92,7 @@ def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dt
         dbeta = jnp.zeros((C,), f32)
         for j in range(V // BV):
             vs = pl.ds(j * BV, BV)
-            do_c, vn, dvn = do_ref[:, vs].astype(f32), vn_ref[:, vs], dvn_ref[:, vs]
+            do_c, vn, dvn = (r[:, vs].astype(f32) for r in (do_ref, vn_ref, dvn_ref))
             do_vn += mm(do_c, vn, tb=True, dtype=mm_dtype)
             dvn_vn += mm(dvn, vn, tb=True, dtype=mm_dtype)
             t_dvn = mm(T, dvn, ta=True, dtype=mm_dtype)              # T^T dVnew = d(beta V)
@@ -150,7 +151,7 @@ def key_grads(q, k, g, beta, docs, T, d_qk, Y, states_in, dstates_out, do, vnew,
         s_ds = jnp.zeros((), f32)          # <S, dS> over this key tile
         for j in range(V // BV):
             vs = pl.ds(j * BV, BV)
-            S, dS = s_ref[:, vs], dso_ref[:, vs]
+            S, dS = s_ref[:, vs].astype(f32), dso_ref[:, vs].astype(f32)
             dq_raw += mm(do_ref[:, vs], S, tb=True, dtype=mm_dtype)
             dk_out += mm(vn_ref[:, vs], dS, tb=True, dtype=mm_dtype)
             t_dvn = mm(T, dvn_ref[:, vs], ta=True, dtype=mm_dtype)

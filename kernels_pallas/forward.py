@@ -68,8 +68,8 @@ def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, save_T: bool = Fal
 
 
 def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, out_dtype, residuals: bool):
-    """Returns (o [B,N,C,HV,V] or None, final state [B,HV,K,V], states_in [B,HV,N,K,V] or None,
-    Vnew [B,N,C,HV,V] or None). With residuals=True the output O is skipped and the backward's
+    """Returns (o [B,N,C,HV,V] or None, final state [B,HV,K,V] f32, states_in [B,HV,N,K,V] or None,
+    Vnew [B,N,C,HV,V] or None; those two in mm_dtype). With residuals=True the output O is skipped and the backward's
     residuals are written instead."""
     t = tiling
     C, K, V, BV = t.C, t.K, t.V, t.BV
@@ -90,9 +90,9 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, out_d
             k_c = k_ref[b, n, :, h, :].astype(jnp.float32)
             dec = chunk_decays(g_ref[b, n, :, hv], *load_docs(doc_refs, b, n))
             vnew = u_ref[b, n, :, hv, vs].astype(jnp.float32) - mm(w_ref[b, n, :, hv, :], S, dtype=mm_dtype)
-            if residuals:
-                s_in_ref[b, hv, n, :, vs] = S
-                vn_ref[b, n, :, hv, vs] = vnew
+            if residuals:  # stored in the matmul dtype: the backward uses them only as operands
+                s_in_ref[b, hv, n, :, vs] = S.astype(s_in_ref.dtype)
+                vn_ref[b, n, :, hv, vs] = vnew.astype(vn_ref.dtype)
             else:
                 q_c = q_ref[b, n, :, h, :].astype(jnp.float32) * t.scale
                 qk = mm(q_c, k_c, tb=True, dtype=mm_dtype) * dec.gamma
@@ -106,15 +106,15 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, out_d
 
     state = jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)
     if residuals:
-        out_shape = [state, jax.ShapeDtypeStruct((t.B, t.HV, t.N, K, V), jnp.float32),
-                     jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), jnp.float32)]
+        out_shape = [state, jax.ShapeDtypeStruct((t.B, t.HV, t.N, K, V), mm_dtype),
+                     jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype)]
     else:
         out_shape = [jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), out_dtype), state]
     whole = backend.WHOLE
     outs = backend.call(
         kernel, grid=t.sequential_grid,
         in_specs=[whole] * (6 + len(docs)), out_specs=[whole] * len(out_shape), out_shape=out_shape,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        num_warps=t.sweep_warps, num_stages=t.num_stages,
         name="gdn_sweep_residuals" if residuals else "gdn_sweep",
     )(q, k, w, u, g, *docs, initial_state)
     if residuals:

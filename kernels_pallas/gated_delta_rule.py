@@ -78,19 +78,25 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size,
-                            block_v=64, block_k=64, num_warps=4, num_stages=1):
+                            block_v=None, block_k=64, num_warps=4, sweep_warps=4, num_stages=1):
     """Same contract as `gdn_jax.chunked.chunk_gated_delta_rule` (T a multiple of chunk_size).
 
     Head dims are zero-padded to powers of two (Triton's block shapes), which changes nothing: zero
     key/query columns add nothing to any product and zero value columns give zero outputs.
+    block_v (value tile; default 64, or 32 when K > 128 so a sweep's [K, block_v] float32 state tile
+    stays in registers), block_k (key tile of the key-tiled gradient kernel) and the warp counts are
+    launch parameters only: every choice computes the same function.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     C = chunk_size
     N = T // C
     Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
+    if block_v is None:
+        block_v = 32 if Kp > 128 else 64
     tiling = Tiling(B=B, N=N, C=C, H=H, HV=HV, K=Kp, V=Vp, BV=min(block_v, Vp), BK=min(block_k, Kp), scale=float(scale),
-                    has_docs=reset is not None, num_warps=num_warps, num_stages=num_stages)
+                    has_docs=reset is not None, num_warps=num_warps, sweep_warps=sweep_warps,
+                    num_stages=num_stages)
     chunked = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q_, k_ = (chunked(_pad_last(x, Kp)) for x in (q, k))
     v_ = chunked(_pad_last(v, Vp))

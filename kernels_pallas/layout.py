@@ -29,7 +29,8 @@ class Tiling(NamedTuple):
     BK: int                     # key-tile width of the key-tiled gradient kernel
     scale: float
     has_docs: bool
-    num_warps: int = 4
+    num_warps: int = 4          # chunk-parallel kernels
+    sweep_warps: int = 4        # sequential kernels
     num_stages: int = 1
 
     @property
