@@ -182,7 +182,7 @@ def breakdown(shape, bv, w, s, sw, iters):
     B, T, H, K, V = shape
     C = 64
     N = T // C
-    t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=bv, BK=min(64, K), scale=K ** -0.5, has_docs=False,
+    t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=bv or 64, BK=min(64, K), scale=K ** -0.5, has_docs=False,
                num_warps=w, sweep_warps=sw, num_stages=s)
     ch = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q, k, v, g, beta, do = map(ch, (q, k, v, g, beta, dO.astype(jnp.bfloat16)))
@@ -215,14 +215,15 @@ def parse_variants(text):
     for item in text.split(","):  # e.g. bv64w4s1x8: block_v 64, 4 warps, 1 stage, 8 sweep warps
         nums = dict(re.findall(r"([a-z]+)(\d+)", item))
         w = int(nums.get("w", 4))
-        out.append((item, int(nums.get("bv", 64)), w, int(nums.get("s", 1)), int(nums.get("x", w))))
+        bv = int(nums.get("bv", 0)) or None  # bv0 or none: the kernel's own default
+        out.append((item, bv, w, int(nums.get("s", 1)), int(nums.get("x", w))))
     return out
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="all", help=f"comma list of {list(SHAPES)} or 'all'")
-    p.add_argument("--variants", default="bv64w4", help="pallas tilings: bv<block_v>w<warps>[s<stages>][x<sweep warps>]")
+    p.add_argument("--variants", default="default", help="pallas tilings: bv<block_v>w<warps>[s<stages>][x<sweep warps>]")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--no-chunk", action="store_true", help="skip timing the plain-XLA chunk path")

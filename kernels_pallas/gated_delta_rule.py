@@ -83,8 +83,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
 
     Head dims are zero-padded to powers of two (Triton's block shapes), which changes nothing: zero
     key/query columns add nothing to any product and zero value columns give zero outputs.
-    block_v (value tile; default 64, or 32 when K > 128 so a sweep's [K, block_v] float32 state tile
-    stays in registers), block_k (key tile of the key-tiled gradient kernel) and the warp counts are
+    block_v (value tile; default 64, or 32 when that leaves fewer than 64 sequential programs),
+    block_k (key tile of the key-tiled gradient kernel) and the warp counts are
     launch parameters only: every choice computes the same function.
     """
     B, T, H, K = q.shape
@@ -92,8 +92,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
     C = chunk_size
     N = T // C
     Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
-    if block_v is None:
-        block_v = 32 if Kp > 128 else 64
+    if block_v is None:  # enough sequential programs to occupy the GPU, measured on H100 (docs/benchmarks.md)
+        block_v = 64 if B * HV * Vp // 64 >= 64 else 32
     tiling = Tiling(B=B, N=N, C=C, H=H, HV=HV, K=Kp, V=Vp, BV=min(block_v, Vp), BK=min(block_k, Kp), scale=float(scale),
                     has_docs=reset is not None, num_warps=num_warps, sweep_warps=sweep_warps,
                     num_stages=num_stages)
