@@ -182,16 +182,15 @@ def breakdown(shape, bv, w, s, sw, iters):
     B, T, H, K, V = shape
     C = 64
     N = T // C
-    t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=bv or 64, BK=min(64, K), scale=K ** -0.5, has_docs=False,
+    t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=min(bv or 64, V), BK=min(64, K), scale=K ** -0.5, has_docs=False,
                num_warps=w, sweep_warps=sw, num_stages=s)
     ch = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q, k, v, g, beta, do = map(ch, (q, k, v, g, beta, dO.astype(jnp.bfloat16)))
     S0 = jnp.zeros((B, H, K, V), jnp.float32)
     mmd = jnp.dtype(jnp.bfloat16)
     prep = jax.jit(lambda k, v, g, beta: forward.prepare(k, v, g, beta, (), t, mmd))
-    w_, u_ = prep(k, v, g, beta)
-    prep_T = jax.jit(lambda k, v, g, beta: forward.prepare(k, v, g, beta, (), t, mmd, save_T=True))
-    T_ = prep_T(k, v, g, beta)[2]
+    w_, u_, T_ = prep(k, v, g, beta)
+    prep_T = jax.jit(lambda k, v, g, beta, T: forward.prepare(k, v, g, beta, (), t, mmd, T=T))
     sweep_o = jax.jit(lambda *a: forward.sweep(*a, (), S0, t, mmd, out_dtype=v.dtype, residuals=False)[:2])
     sweep_r = jax.jit(lambda *a: forward.sweep(*a, (), S0, t, mmd, out_dtype=v.dtype, residuals=True)[1:])
     _, s_in, vn = sweep_r(q, k, w_, u_, g)
@@ -202,6 +201,7 @@ def breakdown(shape, bv, w, s, sw, iters):
     _, d_qk, Y, _, _ = pair(q, k, v, g, beta, T_, do, vn, dvn)
     keys = jax.jit(lambda q, k, g, beta, *a: backward.key_grads(q, k, g, beta, (), *a, t, mmd))
     out = {"prepare": time_jax(prep, (k, v, g, beta), iters),
+           "prepare from T": time_jax(prep_T, (k, v, g, beta, T_), iters),
            "sweep+output": time_jax(sweep_o, (q, k, w_, u_, g), iters),
            "sweep residuals": time_jax(sweep_r, (q, k, w_, u_, g), iters),
            "reverse sweep": time_jax(rev, (q, k, w_, g, do), iters)}

@@ -30,41 +30,52 @@ def load_docs(doc_refs, *index):
     return tuple(r[index] if index else r[...] for r in doc_refs)
 
 
-def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, save_T: bool = False):
-    """W [B,N,C,HV,K] and U [B,N,C,HV,V] in mm_dtype, and with save_T also T [B,N,C,HV,C] float32."""
+def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None):
+    """W [B,N,C,HV,K] and U [B,N,C,HV,V] in mm_dtype, plus T [B,N,C,HV,C] float32.
+
+    Given T (the forward's, in the backward) the inverse is not formed again: W and U are two matmuls.
+    """
     t = tiling
     C, K, V = t.C, t.K, t.V
-    n_out = 3 if save_T else 2
+    given_T = T is not None
 
     def kernel(*refs):
         k_ref, v_ref, g_ref, beta_ref = refs[:4]
-        doc_refs = refs[4:-n_out]
-        w_ref, u_ref = refs[-n_out:][:2]
+        doc_refs = refs[4:4 + len(docs)]
+        rest = refs[4 + len(docs):]
+        if given_T:
+            T_in_ref, w_ref, u_ref = rest
+        else:
+            w_ref, u_ref, T_ref = rest
         k_c = k_ref[...].astype(jnp.float32)
         beta_c = beta_ref[...]
         dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
-        kk = mm(k_c, k_c, tb=True, dtype=mm_dtype)
-        A = jnp.where(dec.strict, beta_c[:, None] * kk * dec.gamma, 0.0)
-        T = unit_lower_inverse(A, mm_precise=mm_dtype == jnp.float32)
-        if save_T:
-            refs[-1][...] = T
+        if given_T:
+            T = T_in_ref[...]
+        else:
+            kk = mm(k_c, k_c, tb=True, dtype=mm_dtype)
+            A = jnp.where(dec.strict, beta_c[:, None] * kk * dec.gamma, 0.0)
+            T = unit_lower_inverse(A, mm_precise=mm_dtype == jnp.float32)
+            T_ref[...] = T
         w_ref[...] = mm(T, k_c * (beta_c * dec.d_in)[:, None], dtype=mm_dtype).astype(w_ref.dtype)
         for j in range(V // t.BV):  # value tiles bound the live registers for wide V
             vs = pl.ds(j * t.BV, t.BV)
             u_ref[:, vs] = mm(T, v_ref[:, vs].astype(jnp.float32) * beta_c[:, None],
                               dtype=mm_dtype).astype(u_ref.dtype)
 
-    doc_specs = [t.doc_spec()] * len(docs)
+    n_out = 2 if given_T else 3
     out_specs = [t.head_spec(K), t.head_spec(V), t.head_spec(C)][:n_out]
     out_shape = [jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, K), mm_dtype),
                  jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype),
                  jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, C), jnp.float32)][:n_out]
-    return backend.call(
+    outs = backend.call(
         kernel, grid=t.chunk_grid,
-        in_specs=[t.qk_spec(), t.head_spec(V), t.gate_spec(), t.gate_spec(), *doc_specs],
+        in_specs=[t.qk_spec(), t.head_spec(V), t.gate_spec(), t.gate_spec(),
+                  *[t.doc_spec()] * len(docs), *[t.head_spec(C)] * given_T],
         out_specs=out_specs, out_shape=out_shape,
         num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_prepare",
-    )(k, v, g, beta, *docs)
+    )(k, v, g, beta, *docs, *([T] if given_T else []))
+    return (*outs, T) if given_T else tuple(outs)
 
 
 def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, out_dtype, residuals: bool):

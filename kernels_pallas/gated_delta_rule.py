@@ -1,9 +1,10 @@
 """The Pallas gated delta rule: forward and backward kernels joined by `jax.custom_vjp`.
 
-Residuals: only the inputs. The backward recomputes W, U (one chunk-parallel kernel) and the per-chunk
-states and Vnew (one sequential sweep) instead of keeping them from the forward: the states are
-[B, HV, T/C, K, V] float32, K/C (= 2 at K = 128) times the size of v per layer, which would dominate a
-training step's activation memory, while recomputing costs about one forward.
+Residuals: the inputs and T = (I + A)^-1 ([B, T, HV, C] float32, like a C-wide head). The backward
+recomputes W and U from T (two matmuls per chunk; the inverse is the costly part of `prepare`), and
+the per-chunk states and Vnew (one sequential sweep) instead of keeping them: the states are
+[B, HV, T/C, K, V], K/C (= 2 at K = 128) times the size of v per layer, which would dominate a
+training step's activation memory, while recomputing them costs about one forward sweep.
 """
 
 from __future__ import annotations
@@ -41,24 +42,29 @@ def document_masks(reset_BxT, N, C):
     return doc, reach_in, reach_out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _chunked(q, k, v, g, beta, initial_state, docs, t: Tiling):
+def _forward(q, k, v, g, beta, initial_state, docs, t: Tiling):
     mm_dtype = _mm_dtype(q.dtype)
-    w, u = forward.prepare(k, v, g, beta, docs, t, mm_dtype)
+    w, u, T = forward.prepare(k, v, g, beta, docs, t, mm_dtype)
     o, S_final, _, _ = forward.sweep(q, k, w, u, g, docs, initial_state, t, mm_dtype,
                                      out_dtype=v.dtype, residuals=False)
-    return o, S_final
+    return (o, S_final), T
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _chunked(q, k, v, g, beta, initial_state, docs, t: Tiling):
+    return _forward(q, k, v, g, beta, initial_state, docs, t)[0]
 
 
 def _chunked_fwd(q, k, v, g, beta, initial_state, docs, t):
-    return _chunked(q, k, v, g, beta, initial_state, docs, t), (q, k, v, g, beta, initial_state, docs)
+    out, T = _forward(q, k, v, g, beta, initial_state, docs, t)
+    return out, (q, k, v, g, beta, initial_state, docs, T)
 
 
 def _chunked_bwd(t, res, cotangents):
-    q, k, v, g, beta, initial_state, docs = res
+    q, k, v, g, beta, initial_state, docs, T = res
     do, dS_final = cotangents
     mm_dtype = _mm_dtype(q.dtype)
-    w, u, T = forward.prepare(k, v, g, beta, docs, t, mm_dtype, save_T=True)
+    w, u, _ = forward.prepare(k, v, g, beta, docs, t, mm_dtype, T=T)
     _, _, states_in, vnew = forward.sweep(q, k, w, u, g, docs, initial_state, t, mm_dtype,
                                           out_dtype=v.dtype, residuals=True)
     dstates_out, dvnew, d_initial = backward.reverse_sweep(q, k, w, g, docs, do, dS_final, t, mm_dtype)
