@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from gdn_jax.evaluate import mqar, niah
@@ -37,8 +38,17 @@ def load_run(workdir: str, step: int | None = None) -> Run:
 
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise FileNotFoundError(f"{workdir}/config.json not found: is this a train.py workdir?")
-  cfg = get_config(workdir)
-  model, step = checkpoint.load_model(workdir, cfg, step=step)
+  cfg = get_config(os.path.join(workdir, "config.json"))
+  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  steps = ocp.utils.checkpoint_steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {ckpt_dir}")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} under {ckpt_dir}; steps: "
+                            f"{sorted(steps)}")
+  _, model = checkpoint.load_params(workdir, step)
   return Run(cfg=cfg, model=model, step=int(step), tokenizer=get_tokenizer(cfg.data.tokenizer))
 
 
