@@ -1,4 +1,4 @@
-"""eval.py end to end on a tiny checkpoint: results.json numbers, plots, generation, errors."""
+"""eval.py end to end on a run trained by train.py: results.json numbers, plots, generation, errors."""
 
 import json
 import math
@@ -9,42 +9,20 @@ import sys
 import matplotlib.image
 import numpy as np
 import pytest
-from flax import nnx
-
-from configs import experiment
-from gdn_jax.model import LM
-from gdn_jax.train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as eval_cli  # noqa: E402
 
 
-class _NoDataIterator:
-  def get_state(self):
-    return {}
-
-
-def _write_run(workdir, steps=(2, 5)):
-  """A workdir as train.py leaves it (config.json, checkpoints/<step>/{state,data}), written with the
-  training code's own checkpoint API; step 5 holds different parameters from step 2."""
-  cfg = experiment.apply_overrides(experiment.get_config("tiny"), ["data.seq_len=64"])
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(experiment.to_dict(cfg), f)
-  manager = checkpoint.make_manager(workdir, experiment.RunConfig(async_checkpoints=False))
-  for seed, step in enumerate(steps):
-    params = nnx.to_pure_dict(nnx.state(LM(cfg.model, rngs=nnx.Rngs(seed)), nnx.Param))
-    checkpoint.save(manager, step, {"step": step, "params": params, "opt_state": {}},
-                    _NoDataIterator())
-  manager.wait_until_finished()
-  return cfg
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+  """A tiny run trained for 4 steps by train.py, with checkpoints at steps 2 and 4."""
   d = str(tmp_path_factory.mktemp("run"))
-  _write_run(d)
+  cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--workdir", d, "--steps", "4",
+         "--set", "run.checkpoint_every=2", "train.global_batch=4", "data.seq_len=64"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return d
 
 
@@ -63,14 +41,14 @@ def test_cli_end_to_end(workdir):
          "--batch_size", "4"]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert "step 5" in proc.stdout  # the latest checkpoint
+  assert "step 4" in proc.stdout  # the latest checkpoint
   assert "[s_niah_2] length    400 depth 100.0%" in proc.stdout
   out = os.path.join(workdir, "eval")
   with open(os.path.join(out, "results.json")) as f:
     r = json.load(f)
-  assert r["step"] == 5 and r["train_seq_len"] == 64
+  assert r["step"] == 4 and r["train_seq_len"] == 64
   ppl = r["ppl"]
-  # Untrained model: close to uniform over the 258-token vocabulary.
+  # Four steps of training: still close to uniform over the 258-token vocabulary.
   assert math.isfinite(ppl["perplexity"]) and 100 < ppl["perplexity"] < 600
   assert math.isclose(math.log(ppl["perplexity"]), ppl["nll_per_token"], rel_tol=1e-9)
   assert 1400 <= ppl["num_tokens"] < 1500 and ppl["window"] == 64
@@ -114,7 +92,7 @@ def test_errors(workdir, tmp_path, capsys):
   assert eval_cli.main(["--workdir", str(no_ckpt)]) == 2
   assert "no checkpoint" in capsys.readouterr().err
   assert eval_cli.main(["--workdir", workdir, "--step", "3"]) == 2
-  assert "steps: [2, 5]" in capsys.readouterr().err
+  assert "steps: [2, 4]" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     eval_cli.main(["--workdir", workdir, "--tasks", "ppl,bogus"])
   assert "unknown task(s) bogus" in capsys.readouterr().err
