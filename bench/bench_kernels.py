@@ -184,7 +184,7 @@ def breakdown(shape, bv, w, s, sw, iters):
     C = 64
     N = T // C
     t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=min(bv or 64, V), BK=min(64, K), scale=K ** -0.5, has_docs=False,
-               num_warps=w, sweep_warps=sw, num_stages=s)
+               num_warps=w, sweep_warps=sw or 4, num_stages=s)
     ch = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q, k, v, g, beta, do = map(ch, (q, k, v, g, beta, dO.astype(jnp.bfloat16)))
     S0 = jnp.zeros((B, H, K, V), jnp.float32)
@@ -217,7 +217,8 @@ def parse_variants(text):
         nums = dict(re.findall(r"([a-z]+)(\d+)", item))
         w = int(nums.get("w", 4))
         bv = int(nums.get("bv", 0)) or None  # bv0 or none: the kernel's own default
-        out.append((item, bv, w, int(nums.get("s", 1)), int(nums.get("x", w))))
+        sw = int(nums.get("x", 0)) or None  # no x: the kernel's own default
+        out.append((item, bv, w, int(nums.get("s", 1)), sw))
     return out
 
 

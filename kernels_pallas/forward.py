@@ -125,7 +125,7 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, out_d
     outs = backend.call(
         kernel, grid=t.sequential_grid,
         in_specs=[whole] * (6 + len(docs)), out_specs=[whole] * len(out_shape), out_shape=out_shape,
-        num_warps=t.sweep_warps, num_stages=t.num_stages,
+        num_warps=t.sweep_warps if residuals else t.num_warps, num_stages=t.num_stages,
         name="gdn_sweep_residuals" if residuals else "gdn_sweep",
     )(q, k, w, u, g, *docs, initial_state)
     if residuals:

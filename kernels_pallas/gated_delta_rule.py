@@ -84,13 +84,13 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size,
-                            block_v=None, block_k=64, num_warps=4, sweep_warps=4, num_stages=1):
+                            block_v=None, block_k=64, num_warps=4, sweep_warps=None, num_stages=1):
     """Same contract as `gdn_jax.chunked.chunk_gated_delta_rule` (T a multiple of chunk_size).
 
     Head dims are zero-padded to powers of two (Triton's block shapes), which changes nothing: zero
     key/query columns add nothing to any product and zero value columns give zero outputs.
     block_v (value tile; default 64, or 32 when that leaves fewer than 64 sequential programs),
-    block_k (key tile of the key-tiled gradient kernel) and the warp counts are
+    sweep_warps (warps of the backward's sequential kernels), block_k (key tile of the key-tiled gradient kernel) and the warp counts are
     launch parameters only: every choice computes the same function.
     """
     B, T, H, K = q.shape
@@ -98,8 +98,13 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
     C = chunk_size
     N = T // C
     Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
-    if block_v is None:  # enough sequential programs to occupy the GPU, measured on H100 (docs/benchmarks.md)
+    # Defaults measured on an H100 (docs/benchmarks.md): enough sequential programs to occupy the GPU,
+    # and 8 warps for the backward's sweeps once a [K, block_v] float32 state tile outgrows 4 warps'
+    # registers (K = 256).
+    if block_v is None:
         block_v = 64 if B * HV * Vp // 64 >= 64 else 32
+    if sweep_warps is None:
+        sweep_warps = 8 if Kp >= 256 else 4
     tiling = Tiling(B=B, N=N, C=C, H=H, HV=HV, K=Kp, V=Vp, BV=min(block_v, Vp), BK=min(block_k, Kp), scale=float(scale),
                     has_docs=reset is not None, num_warps=num_warps, sweep_warps=sweep_warps,
                     num_stages=num_stages)

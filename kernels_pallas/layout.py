@@ -29,8 +29,8 @@ class Tiling(NamedTuple):
     BK: int                     # key-tile width of the key-tiled gradient kernel
     scale: float
     has_docs: bool
-    num_warps: int = 4          # chunk-parallel kernels
-    sweep_warps: int = 4        # sequential kernels
+    num_warps: int = 4          # chunk-parallel kernels and the forward's sweep (it also forms O)
+    sweep_warps: int = 4        # the backward's sequential kernels (states only)
     num_stages: int = 1
 
     @property
