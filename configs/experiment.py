@@ -97,9 +97,12 @@ _BYTE_VOCAB = 258
 
 
 def _tiny(model_name: str) -> ExperimentConfig:
+  # CPU presets compute in float32 (CPUs have no bf16 matmul units) and run the gated delta rule
+  # with the lax.scan reference: on jax 0.10.2 XLA:CPU intermittently deadlocks executing the
+  # chunked path's backward pass (see docs/training.md). On a GPU set model.gdn_impl=auto.
   return ExperimentConfig(
-      name=model_name if model_name != "tiny" else "tiny",
-      model=get_model_config(model_name, vocab_size=_BYTE_VOCAB),
+      name=model_name,
+      model=get_model_config(model_name, vocab_size=_BYTE_VOCAB, dtype="float32", gdn_impl="scan"),
   )
 
 
