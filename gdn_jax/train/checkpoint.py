@@ -8,7 +8,7 @@ Layout of a workdir:
     DIR/checkpoints/<step>/state/       orbax StandardSave of {"step", "params", "opt_state"}
     DIR/checkpoints/<step>/data/process_<i>-of-<n>.json   each process's data-iterator state
 
-"params" is the model's nnx.Param state as a pure nested dict (nnx.State.to_pure_dict(): layer lists
+"params" is the model's nnx.Param state as a pure nested dict (nnx.Snnx.to_pure_dict(tate): layer lists
 have int keys), float32. `load_params(workdir)` rebuilds the model for evaluation.
 """
 
@@ -98,7 +98,7 @@ def load_params(workdir: str, step: int | None = None, *, model_factory=None):
     step = max(steps)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        abstract_params.to_pure_dict())
+                        nnx.to_pure_dict(abstract_params))
   ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   restore_args = {"params": jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)}
   if "partial_restore" in inspect.signature(ocp.args.PyTreeRestore).parameters:

@@ -76,7 +76,7 @@ def build(cfg: ExperimentConfig, mesh, model_factory=default_model_factory) -> T
 
   def init():
     _, params, _ = _split(make_model())
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   def init_rest():
