@@ -8,7 +8,7 @@ Layout of a workdir:
     DIR/checkpoints/<step>/state/       orbax StandardSave of {"step", "params", "opt_state"}
     DIR/checkpoints/<step>/data/process_<i>-of-<n>.json   each process's data-iterator state
 
-"params" is the model's nnx.Param state as a pure nested dict (nnx.Snnx.to_pure_dict(tate): layer lists
+"params" is the model's nnx.Param state as a pure nested dict (nnx.to_pure_dict(state): layer lists
 have int keys), float32. `load_params(workdir)` rebuilds the model for evaluation.
 """
 

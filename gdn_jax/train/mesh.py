@@ -63,7 +63,7 @@ def logical_to_spec(names: Sequence[Any], shape: Sequence[int], mesh) -> P:
 
 def param_shardings(abstract_params: nnx.State, mesh) -> Any:
   """NamedShardings for an abstract nnx.State of Params, as a pure dict (like the params)."""
-  logical = nnx.get_partition_spec(abstract_params)nnx.to_pure_dict()
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
   shapes = nnx.to_pure_dict(abstract_params)
 
   def one(spec, leaf):
