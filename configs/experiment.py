@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -157,7 +158,7 @@ def _coerce(value, hint, where: str):
     if not isinstance(value, dict):
       raise TypeError(f"{where}: expected a mapping for {hint.__name__}, got {value!r}")
     return from_dict(value, hint, where)
-  if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+  if origin in (typing.Union, types.UnionType):
     if value is None and type(None) in args:
       return None
     inner = [a for a in args if a is not type(None)]

@@ -131,13 +131,13 @@ def initialize_distributed(mode: str, coordinator_address: str | None = None,
   Failures propagate: a multi-host job must never fall back to N independent runs.
   """
   explicit = coordinator_address is not None
-  # Cross-process collectives of the CPU backend (tests, CPU clusters); no effect on GPU devices.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if mode == "off":
     if explicit or num_processes is not None or process_id is not None:
       raise ValueError("--coordinator_address/--num_processes/--process_id given with "
                        "--distributed=off")
     return
+  # Cross-process collectives of the CPU backend (tests, CPU clusters); no effect on GPU devices.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if mode == "auto" and not explicit:
     jax.distributed.initialize()
     return
