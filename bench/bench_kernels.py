@@ -54,13 +54,13 @@ def make_inputs(shape, seed=0, dtype=jnp.bfloat16):
     return (q.astype(dtype), k.astype(dtype), v.astype(dtype), g, beta), dO
 
 
-def pallas_fn(block_v, num_warps, num_stages, sweep_warps):
+def pallas_fn(block_v, num_warps, num_stages, sweep_warps, split_output=None):
     def f(q, k, v, g, beta):
         B, T, H, K = q.shape
         return pallas_gated_delta_rule(
             q, k, v, g, beta, scale=K ** -0.5, initial_state=jnp.zeros((B, H, K, v.shape[-1]), jnp.float32),
             reset=None, chunk_size=64, block_v=block_v, num_warps=num_warps, num_stages=num_stages,
-            sweep_warps=sweep_warps)
+            sweep_warps=sweep_warps, split_output=split_output)
     return f
 
 
@@ -195,6 +195,7 @@ def breakdown(shape, bv, w, s, sw, iters):
     sweep_o = jax.jit(lambda *a: forward.sweep(*a, (), S0, t, mmd, out_dtype=v.dtype, residuals=False)[:2])
     sweep_r = jax.jit(lambda *a: forward.sweep(*a, (), S0, t, mmd, out_dtype=v.dtype, residuals=True)[1:])
     _, s_in, vn = sweep_r(q, k, w_, u_, g)
+    out_k = jax.jit(lambda q, k, g, s_in, vn: forward.output(q, k, g, (), s_in, vn, t, mmd, out_dtype=v.dtype))
     rev = jax.jit(lambda q, k, w, g, do: backward.reverse_sweep(q, k, w, g, (), do, S0, t, mmd))
     ds_out, dvn, _ = rev(q, k, w_, g, do)
     pair = jax.jit(lambda q, k, v, g, beta, T, do, vn, dvn: backward.pair_grads(
@@ -205,6 +206,7 @@ def breakdown(shape, bv, w, s, sw, iters):
            "prepare from T": time_jax(prep_T, (k, v, g, beta, T_), iters),
            "sweep+output": time_jax(sweep_o, (q, k, w_, u_, g), iters),
            "sweep residuals": time_jax(sweep_r, (q, k, w_, u_, g), iters),
+           "output": time_jax(out_k, (q, k, g, s_in, vn), iters),
            "reverse sweep": time_jax(rev, (q, k, w_, g, do), iters)}
     out["pair grads"] = time_jax(pair, (q, k, v, g, beta, T_, do, vn, dvn), iters)
     out["key grads"] = time_jax(keys, (q, k, g, beta, T_, d_qk, Y, s_in, ds_out, do, vn, dvn), iters)
@@ -218,14 +220,15 @@ def parse_variants(text):
         w = int(nums.get("w", 4))
         bv = int(nums.get("bv", 0)) or None  # bv0 or none: the kernel's own default
         sw = int(nums.get("x", 0)) or None  # no x: the kernel's own default
-        out.append((item, bv, w, int(nums.get("s", 1)), sw))
+        split = None if "o" not in nums else bool(int(nums["o"]))  # o1: split output, o0: fused
+        out.append((item, bv, w, int(nums.get("s", 1)), sw, split))
     return out
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="all", help=f"comma list of {list(SHAPES)} or 'all'")
-    p.add_argument("--variants", default="default", help="pallas tilings: bv<block_v>w<warps>[s<stages>][x<sweep warps>]")
+    p.add_argument("--variants", default="default", help="pallas tilings: bv<block_v>w<warps>[s<stages>][x<sweep warps>][o<0|1 split output>]")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--no-chunk", action="store_true", help="skip timing the plain-XLA chunk path")
@@ -248,10 +251,10 @@ def main():
         if not args.no_check:
             row["errors"] = check(pallas_fn(*variants[0][1:]), inputs, dO)
             print(name, "errors vs f32 chunk:", row["errors"], flush=True)
-        for vname, bv, w, s, sw in variants:
+        for vname, bv, w, s, sw, split in variants:
             if args.breakdown and all(d & (d - 1) == 0 for d in shape[3:]):  # unpadded kernels need 2^n
                 print(name, vname, "breakdown ms:", breakdown(shape, bv, w, s, sw, args.iters), flush=True)
-            fwd, grad = fwd_and_grad(pallas_fn(bv, w, s, sw), dO)
+            fwd, grad = fwd_and_grad(pallas_fn(bv, w, s, sw, split), dO)
             row[f"pallas_{vname}"] = (time_jax(fwd, inputs, args.iters), time_jax(grad, inputs, args.iters),
                                       temp_mib(grad, inputs))
             print(name, vname, row[f"pallas_{vname}"], flush=True)

@@ -133,3 +133,33 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, out_d
         return None, S_final, states_in, vnew
     o, S_final = outs
     return o, S_final, None, None
+
+
+def output(q, k, g, docs, states_in, vnew, tiling: Tiling, mm_dtype, *, out_dtype):
+    """O = (d_in * Q) S + (Q K^T * Gamma) Vnew for all chunks at once, grid (N, B*HV), from the states
+    and Vnew written by a states-only `sweep`: the forward's alternative to forming O inside the
+    sweep, for wide K where the fused sweep runs out of registers."""
+    t = tiling
+    C, V, BV = t.C, t.V, t.BV
+
+    def kernel(*refs):
+        q_ref, k_ref, g_ref = refs[:3]
+        doc_refs = refs[3:3 + len(docs)]
+        s_ref, vn_ref, o_ref = refs[3 + len(docs):]
+        q_c = q_ref[...].astype(jnp.float32) * t.scale
+        dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
+        qk = mm(q_c, k_ref[...], tb=True, dtype=mm_dtype) * dec.gamma
+        q_in = q_c * dec.d_in[:, None]
+        for j in range(V // BV):
+            vs = pl.ds(j * BV, BV)
+            o = mm(q_in, s_ref[:, vs], dtype=mm_dtype) + mm(qk, vn_ref[:, vs], dtype=mm_dtype)
+            o_ref[:, vs] = o.astype(o_ref.dtype)
+
+    return backend.call(
+        kernel, grid=t.chunk_grid,
+        in_specs=[t.qk_spec(), t.qk_spec(), t.gate_spec(), *[t.doc_spec()] * len(docs),
+                  t.state_spec(), t.head_spec(V)],
+        out_specs=t.head_spec(V),
+        out_shape=jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), out_dtype),
+        num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_output",
+    )(q, k, g, *docs, states_in, vnew)

@@ -45,8 +45,13 @@ def document_masks(reset_BxT, N, C):
 def _forward(q, k, v, g, beta, initial_state, docs, t: Tiling):
     mm_dtype = _mm_dtype(q.dtype)
     w, u, T = forward.prepare(k, v, g, beta, docs, t, mm_dtype)
-    o, S_final, _, _ = forward.sweep(q, k, w, u, g, docs, initial_state, t, mm_dtype,
-                                     out_dtype=v.dtype, residuals=False)
+    if t.split_output:
+        _, S_final, states_in, vnew = forward.sweep(q, k, w, u, g, docs, initial_state, t, mm_dtype,
+                                                    out_dtype=v.dtype, residuals=True)
+        o = forward.output(q, k, g, docs, states_in, vnew, t, mm_dtype, out_dtype=v.dtype)
+    else:
+        o, S_final, _, _ = forward.sweep(q, k, w, u, g, docs, initial_state, t, mm_dtype,
+                                         out_dtype=v.dtype, residuals=False)
     return (o, S_final), T
 
 
@@ -84,13 +89,15 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size,
-                            block_v=None, block_k=64, num_warps=4, sweep_warps=None, num_stages=1):
+                            block_v=None, block_k=64, num_warps=4, sweep_warps=None, num_stages=1,
+                            split_output=None):
     """Same contract as `gdn_jax.chunked.chunk_gated_delta_rule` (T a multiple of chunk_size).
 
     Head dims are zero-padded to powers of two (Triton's block shapes), which changes nothing: zero
     key/query columns add nothing to any product and zero value columns give zero outputs.
     block_v (value tile; default 64, or 32 when that leaves fewer than 64 sequential programs),
-    sweep_warps (warps of the backward's sequential kernels), block_k (key tile of the key-tiled gradient kernel) and the warp counts are
+    sweep_warps (warps of the states-only sequential kernels), split_output (the forward writes the
+    per-chunk states and forms O in a chunk-parallel kernel instead of inside its sweep), block_k (key tile of the key-tiled gradient kernel) and the warp counts are
     launch parameters only: every choice computes the same function.
     """
     B, T, H, K = q.shape
@@ -105,9 +112,11 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         block_v = 64 if B * HV * Vp // 64 >= 64 else 32
     if sweep_warps is None:
         sweep_warps = 8 if Kp >= 256 else 4
+    if split_output is None:  # at K = 256 the fused forward sweep spills (docs/benchmarks.md)
+        split_output = Kp >= 256
     tiling = Tiling(B=B, N=N, C=C, H=H, HV=HV, K=Kp, V=Vp, BV=min(block_v, Vp), BK=min(block_k, Kp), scale=float(scale),
                     has_docs=reset is not None, num_warps=num_warps, sweep_warps=sweep_warps,
-                    num_stages=num_stages)
+                    num_stages=num_stages, split_output=split_output)
     chunked = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q_, k_ = (chunked(_pad_last(x, Kp)) for x in (q, k))
     v_ = chunked(_pad_last(v, Vp))

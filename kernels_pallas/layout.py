@@ -32,6 +32,7 @@ class Tiling(NamedTuple):
     num_warps: int = 4          # chunk-parallel kernels and the forward's sweep (it also forms O)
     sweep_warps: int = 4        # the backward's sequential kernels (states only)
     num_stages: int = 1
+    split_output: bool = False  # forward: states-only sweep + chunk-parallel output kernel
 
     @property
     def group(self) -> int:

@@ -36,6 +36,18 @@ def test_forward_matches_oracle(case):
     assert rel_err(S, S_ref) < 2e-5
 
 
+@pytest.mark.parametrize("split_output", [False, True])
+def test_forward_fused_and_split_output_agree_with_oracle(split_output):
+    x = random_op_inputs(18, B=2, T=64, H=1, HV=2, K=20, V=40, with_state=True, num_docs=3)
+    reset = resets_from_segment_ids(jnp.asarray(x["segment_ids"]))
+    o, S = pallas_gated_delta_rule(*(jnp.asarray(x[n]) for n in OP_ARGS), scale=20 ** -0.5,
+                                   initial_state=jnp.asarray(x["initial_state"]), reset=reset,
+                                   chunk_size=16, block_v=16, split_output=split_output)
+    o_ref, S_ref = gated_delta_rule_oracle(**x)
+    assert rel_err(o, o_ref) < 2e-5
+    assert rel_err(S, S_ref) < 2e-5
+
+
 def test_documents_starting_at_and_inside_chunk_boundaries():
     x = random_op_inputs(11, B=2, T=48, K=16, V=16, with_state=True)
     x["segment_ids"] = boundaries_at(2, 48, [16, 21, 22, 32])  # chunk starts 16, 32; 21, 22 inside
