@@ -131,8 +131,7 @@ def make_generate_fn(run: Run, **sampling):
     out = gen.generate(run.model, prompt_BxP, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=sampling.get("top_k"),
                        top_p=sampling.get("top_p"), rng=jax.random.key(seed))
-    out = np.asarray(out)
-    return out[:, -max_new_tokens:]
+    return np.asarray(out)  # [B, max_new_tokens], the prompt not repeated
   return generate_fn
 
 

@@ -42,7 +42,7 @@ def extrapolation_curve(loss_T: np.ndarray, train_seq_len: int, path: str,
   ax.plot(mids, means, marker=".")
   ax.axvline(train_seq_len, color="gray", linestyle="--", label=f"train length {train_seq_len}")
   ax.set_xscale("log")
-  ax.set_xlabel("position (tokens, log scale)")
+  ax.set_xlabel("position: tokens of context read (log scale)")
   ax.set_ylabel("loss (nats/token)")
   ax.set_title("Length extrapolation: loss by position")
   ax.legend()
