@@ -53,6 +53,7 @@ def make_manager(workdir: str, cfg: experiment.RunConfig) -> ocp.CheckpointManag
       save_interval_steps=1,  # the loop decides when to save
       enable_async_checkpointing=cfg.async_checkpoints,
       create=True,
+      cleanup_tmp_directories=True,  # half-written saves of a killed run
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "data"),
                                options=options)

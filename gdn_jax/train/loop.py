@@ -61,7 +61,10 @@ class _Preemption:
       self._old = signal.signal(signal.SIGTERM, self._handler)
 
   def _handler(self, signum, frame):
-    del signum, frame
+    del frame
+    if self.flag:  # a second SIGTERM while the first is pending: die now
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
     self.flag = True
 
   def reached(self, step: int) -> bool:
