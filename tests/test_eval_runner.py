@@ -51,12 +51,7 @@ def test_segment_ids_isolate_documents(tiny_lm):
 
 
 def test_mqar_runner_with_oracle_and_model(tiny_lm, tmp_path):
-  def oracle(tokens_BxT, d=8):
-    preds = np.zeros_like(tokens_BxT)
-    for b, row in enumerate(tokens_BxT):
-      table = {int(row[2 * i]): int(row[2 * i + 1]) for i in range(d)}
-      preds[b] = [table.get(int(t), 0) for t in row]
-    return preds
+  oracle = lambda tokens_BxT: mqar.lookup_predictions(tokens_BxT, 8)
   out = runner.run_mqar(oracle, seq_len=64, vocab_size=128, kv_pairs=[8], num_examples=20,
                         batch_size=8, seed=0, out_dir=str(tmp_path), log=lambda _: None)
   assert out["results"][0]["accuracy"] == 1.0 and out["results"][0]["num_queries"] == 20 * 8

@@ -22,16 +22,6 @@ class ByteTok:
 
 # ---------------------------------------------------------------------------------------------- MQAR
 
-def _lookup_predictor(tokens_BxT, num_kv_pairs):
-  """Reads the key-value prefix and answers every later occurrence of a key with its value."""
-  preds = np.zeros_like(tokens_BxT)
-  for b, row in enumerate(tokens_BxT):
-    table = {int(row[2 * i]): int(row[2 * i + 1]) for i in range(num_kv_pairs)}
-    for t in range(2 * num_kv_pairs, len(row)):
-      preds[b, t] = table.get(int(row[t]), -1)
-  return preds
-
-
 def test_mqar_deterministic_and_seed_dependent():
   cfg = mqar.MQARConfig(seq_len=128, num_kv_pairs=8, vocab_size=256)
   a = mqar.mqar_batch(cfg, batch_size=4, seed=3)
@@ -68,7 +58,7 @@ def test_mqar_structure():
 def test_mqar_perfect_and_constant_predictors():
   cfg = mqar.MQARConfig(seq_len=256, num_kv_pairs=16, vocab_size=64)
   batch = mqar.mqar_batch(cfg, batch_size=256, seed=1)
-  perfect = mqar.mqar_accuracy(_lookup_predictor(batch["tokens"], 16), batch["targets"],
+  perfect = mqar.mqar_accuracy(mqar.lookup_predictions(batch["tokens"], 16), batch["targets"],
                                batch["loss_mask"])
   assert perfect["accuracy"] == 1.0 and perfect["sequence_accuracy"] == 1.0
   assert perfect["num_queries"] == 256 * 16

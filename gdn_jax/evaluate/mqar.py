@@ -126,6 +126,17 @@ def mqar_accuracy(predictions_BxT: np.ndarray, targets_BxT: np.ndarray,
   }
 
 
+def lookup_predictions(tokens_BxT: np.ndarray, num_kv_pairs: int) -> np.ndarray:
+  """The perfect solver, written from the task's definition: read the key-value prefix, then answer
+  every later occurrence of a key with its value (elsewhere -1). A reference for tests."""
+  preds_BxT = np.full_like(tokens_BxT, -1)
+  for b, row in enumerate(tokens_BxT):
+    table = {int(row[2 * i]): int(row[2 * i + 1]) for i in range(num_kv_pairs)}
+    for t in range(2 * num_kv_pairs, len(row)):
+      preds_BxT[b, t] = table.get(int(row[t]), -1)
+  return preds_BxT
+
+
 def chance_accuracy(cfg: MQARConfig) -> float:
   """Accuracy of a guesser that knows the answer is a value token but not which one."""
   return 1.0 / (cfg.vocab_size - cfg.vocab_size // 2)
