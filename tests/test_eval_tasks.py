@@ -5,19 +5,12 @@ import math
 import numpy as np
 import pytest
 
+from gdn_jax.data.tokenizers import ByteTokenizer as ByteTok
 from gdn_jax.evaluate import mqar, niah, perplexity
 
 ESSAY = " ".join(
     f"Sentence number {i} talks about {w} and then stops." for i, w in
     enumerate(["rivers", "mountains", "clouds", "engines", "letters", "gardens", "storms"] * 40))
-
-
-class ByteTok:
-  def encode(self, text):
-    return list(text.encode("utf-8"))
-
-  def decode(self, ids):
-    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 # ---------------------------------------------------------------------------------------------- MQAR
