@@ -5,7 +5,7 @@ log-decay (G_r = g_1 + ... + g_r) and Gamma_rj = exp(G_r - G_j) for r >= j in th
 otherwise, masked *before* the exp so that the positive exponents of r < j never overflow):
 
     A     = strict_lower(diag(beta) K K^T * Gamma)                  [C, C]
-    T     = (I + A)^-1                                              unit lower triangular
+    T     = (I + A)^-1                                              unit lower triangular (triangular.py)
     U     = T (beta * V),   W = T (beta * exp(G) * K)               [C, V], [C, K]
     Vnew  = U - W S                                                 the delta-rule "new values"
     O     = (exp(G) * scale Q) S + (scale Q K^T * Gamma) Vnew       (Gamma with its diagonal)
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from gdn_jax.reference import repeat_heads
+from gdn_jax.triangular import unit_lower_inverse
 
 
 def segment_index(reset_BxT: jax.Array) -> jax.Array:
@@ -72,12 +73,10 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chu
 
     kk_BHNCC = jnp.einsum("...rk,...jk->...rj", k_BHNCK, k_BHNCK)
     A_BHNCC = jnp.where(strict_CC, beta_BHNC[..., :, None] * kk_BHNCC * gamma_BHNCC, 0.0)
-    eye = jnp.eye(C, dtype=f32)
-    rhs = jnp.concatenate(
-        [beta_BHNC[..., None] * v_BHNCV, (beta_BHNC * decay_in_BHNC)[..., None] * k_BHNCK], axis=-1)
-    UW = jax.lax.linalg.triangular_solve(eye + A_BHNCC, rhs, left_side=True, lower=True,
-                                         unit_diagonal=True)
-    U_BHNCV, W_BHNCK = UW[..., :V], UW[..., V:]
+    matmul = lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    T_BHNCC = unit_lower_inverse(A_BHNCC, matmul)
+    U_BHNCV = jnp.einsum("...rj,...jv->...rv", T_BHNCC, beta_BHNC[..., None] * v_BHNCV)
+    W_BHNCK = jnp.einsum("...rj,...jk->...rk", T_BHNCC, (beta_BHNC * decay_in_BHNC)[..., None] * k_BHNCK)
     k_out_BHNCK = decay_out_BHNC[..., None] * k_BHNCK
 
     def across_chunks(S_BHKV, xs):

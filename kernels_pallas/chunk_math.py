@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gdn_jax import triangular
 from kernels_pallas.backend import mm
 
 
@@ -59,45 +60,11 @@ def chunk_decays(g, doc=None, reach_in=None, reach_out=None) -> Decays:
     return Decays(G, gamma, strict, d_in, d_out, d_chunk, is_last)
 
 
-def unit_lower_inverse(A, *, mm_precise: bool, block: int = 16):
-    """(I + A)^-1 for strictly lower-triangular A [C, C].
-
-    Split A = D + L into its diagonal blocks D (block x block) and the part L below them.
-      1. (I + D)^-1 by forward substitution, all diagonal blocks at once: step i forms row i of
-         every block, X_r = e_r - sum_{j<r} D_rj X_j, with rows picked out by masked reductions. The
-         blocks' rows live in disjoint columns, so one [C] vector carries all of them per step.
-      2. (I + A) = (I + D)(I + E) with E = (I + D)^-1 L strictly block-lower, so E^(C/block) = 0 and
-         (I + A)^-1 = (I - E)(I + E^2)(I + E^4)... (I + D)^-1: a few matmuls on the tensor cores.
-    The substitution is exact in the sense of forward substitution; no power series of A itself is
-    formed (that would overflow when keys repeat, since A^n then grows like binomial coefficients).
-    mm_precise: float32 (IEEE) products in step 2; otherwise TF32, which matches bf16 inputs.
-    """
-    C = A.shape[0]
-    block = min(block, C)
-    rows = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
-    eye = (rows == cols).astype(jnp.float32)
-    same_block = (rows // block) == (cols // block)
-    D = jnp.where(same_block, A, 0.0)
-
-    def substitute(i, X):
-        picked = (rows % block) == i
-        d = jnp.sum(jnp.where(picked, D, 0.0), axis=0)      # row i of each block, in its own columns
-        y = jnp.sum(d[:, None] * X, axis=0)                  # sum_j D_rj X_j for each of those rows
-        return jnp.where(picked & same_block, eye - y[None, :], X)
-
-    D_inv = jax.lax.fori_loop(1, block, substitute, eye)
-    if block == C:
-        return D_inv
-    mm32 = lambda a, b: mm(a, b, dtype=jnp.float32, precise=mm_precise)
-    P = -mm32(D_inv, A - D)                                   # -E
-    F = eye + P
-    span = 2
-    while span < C // block:                                  # F = sum_{p < span} (-E)^p
-        P = mm32(P, P)
-        F = mm32(F, eye + P)
-        span *= 2
-    return mm32(F, D_inv)
+def unit_lower_inverse(A, *, mm_precise: bool):
+    """(I + A)^-1 of one chunk (see gdn_jax.triangular); mm_precise: IEEE float32 products in its
+    matmul steps, otherwise TF32, which matches bf16 inputs."""
+    return triangular.unit_lower_inverse(
+        A, lambda a, b: mm(a, b, dtype=jnp.float32, precise=mm_precise))
 
 
 def reverse_cumsum(x):
