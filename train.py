@@ -21,62 +21,82 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--config", default=None,
-                 help="preset name, a config JSON, or a workdir; default: DIR/config.json when "
-                      "resuming, else 'tiny'")
-  p.add_argument("--workdir", default=None, help="run directory (default runs/<config name>)")
-  p.add_argument("--steps", type=int, default=None,
-                 help="train until this global step (default train.steps); the LR schedule "
-                      "always spans train.steps")
-  p.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
-                 help="config overrides, e.g. --set model.d_model=128 train.lr=1e-3")
-  p.add_argument("--distributed", choices=("off", "auto", "manual"), default=None,
-                 help="multi-host start: off (default), auto (cluster detection), manual "
-                      "(implied by --coordinator_address)")
-  p.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
-  p.add_argument("--num_processes", type=int, default=None)
-  p.add_argument("--process_id", type=int, default=None)
-  return p.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--config",
+        default=None,
+        help="preset name, a config JSON, or a workdir; default: DIR/config.json when "
+        "resuming, else 'tiny'",
+    )
+    p.add_argument("--workdir", default=None, help="run directory (default runs/<config name>)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train until this global step (default train.steps); the LR schedule "
+        "always spans train.steps",
+    )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="config overrides, e.g. --set model.d_model=128 train.lr=1e-3",
+    )
+    p.add_argument(
+        "--distributed",
+        choices=("off", "auto", "manual"),
+        default=None,
+        help="multi-host start: off (default), auto (cluster detection), manual "
+        "(implied by --coordinator_address)",
+    )
+    p.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
+    p.add_argument("--num_processes", type=int, default=None)
+    p.add_argument("--process_id", type=int, default=None)
+    return p.parse_args(argv)
 
 
 def resolve_config(args):
-  from configs import experiment
-  name = args.config
-  if name is None:
-    saved = args.workdir and os.path.exists(os.path.join(args.workdir, "config.json"))
-    name = os.path.join(args.workdir, "config.json") if saved else "tiny"
-  cfg = experiment.apply_overrides(experiment.get_config(name), args.set)
-  workdir = args.workdir or os.path.join("runs", cfg.name)
-  return cfg, workdir
+    from configs import experiment
+
+    name = args.config
+    if name is None:
+        saved = args.workdir and os.path.exists(os.path.join(args.workdir, "config.json"))
+        name = os.path.join(args.workdir, "config.json") if saved else "tiny"
+    cfg = experiment.apply_overrides(experiment.get_config(name), args.set)
+    workdir = args.workdir or os.path.join("runs", cfg.name)
+    return cfg, workdir
 
 
 def cpu_workarounds() -> None:
-  """XLA:CPU's multi-threaded Eigen path deadlocks intermittently on this model's backward pass
-  (seen with jax 0.10.2 on 2 cores, chunked GDN); single-threaded Eigen is also faster for the
-  tiny CPU configs. Only the CPU backend reads this flag. Must run before the backend starts."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_cpu_multi_thread_eigen" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
+    """XLA:CPU's multi-threaded Eigen path deadlocks intermittently on this model's backward pass
+    (seen with jax 0.10.2 on 2 cores, chunked GDN); single-threaded Eigen is also faster for the
+    tiny CPU configs. Only the CPU backend reads this flag. Must run before the backend starts."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
-  cpu_workarounds()
-  mode = args.distributed or ("manual" if args.coordinator_address else "off")
-  # jax.distributed must start before anything touches a device.
-  from gdn_jax.train import mesh as mesh_lib
-  mesh_lib.initialize_distributed(mode, args.coordinator_address, args.num_processes,
-                                  args.process_id)
-  cfg, workdir = resolve_config(args)
-  from gdn_jax.train import loop
-  try:
-    loop.train(cfg, workdir, stop_step=args.steps)
-  except loop.NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 3
-  return 0
+    args = parse_args(argv)
+    cpu_workarounds()
+    mode = args.distributed or ("manual" if args.coordinator_address else "off")
+    # jax.distributed must start before anything touches a device.
+    from gdn_jax.train import mesh as mesh_lib
+
+    mesh_lib.initialize_distributed(
+        mode, args.coordinator_address, args.num_processes, args.process_id
+    )
+    cfg, workdir = resolve_config(args)
+    from gdn_jax.train import loop
+
+    try:
+        loop.train(cfg, workdir, stop_step=args.steps)
+    except loop.NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

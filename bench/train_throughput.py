@@ -28,93 +28,111 @@ sys.path.insert(0, ROOT)
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--config", default="fla_gdn_1.3b", help="model / experiment preset")
-  p.add_argument("--batch", type=int, default=4, help="sequences per device per step")
-  p.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
-  p.add_argument("--steps", type=int, default=10, help="timed steps")
-  p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
-  p.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay float32)")
-  p.add_argument("--remat", default=None, help="none | full | dots | dots_no_batch")
-  p.add_argument("--gdn_impl", default=None, help="scan | chunk | pallas | auto")
-  p.add_argument("--microbatches", type=int, default=1)
-  p.add_argument("--fsdp", action="store_true", help="shard params over all devices (else DP)")
-  p.add_argument("--set", nargs="*", default=[], help="extra config overrides, as in train.py")
-  p.add_argument("--distributed", choices=("off", "auto", "manual"), default=None)
-  p.add_argument("--coordinator_address", default=None)
-  p.add_argument("--num_processes", type=int, default=None)
-  p.add_argument("--process_id", type=int, default=None)
-  args = p.parse_args()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="fla_gdn_1.3b", help="model / experiment preset")
+    p.add_argument("--batch", type=int, default=4, help="sequences per device per step")
+    p.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay float32)")
+    p.add_argument("--remat", default=None, help="none | full | dots | dots_no_batch")
+    p.add_argument("--gdn_impl", default=None, help="scan | chunk | pallas | auto")
+    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--fsdp", action="store_true", help="shard params over all devices (else DP)")
+    p.add_argument("--set", nargs="*", default=[], help="extra config overrides, as in train.py")
+    p.add_argument("--distributed", choices=("off", "auto", "manual"), default=None)
+    p.add_argument("--coordinator_address", default=None)
+    p.add_argument("--num_processes", type=int, default=None)
+    p.add_argument("--process_id", type=int, default=None)
+    args = p.parse_args()
 
-  from train import cpu_workarounds
-  cpu_workarounds()
-  from gdn_jax.train import mesh as mesh_lib
-  mode = args.distributed or ("manual" if args.coordinator_address else "off")
-  mesh_lib.initialize_distributed(mode, args.coordinator_address, args.num_processes,
-                                  args.process_id)
+    from train import cpu_workarounds
 
-  import jax
-  import numpy as np
-  from configs import experiment
-  from gdn_jax.model import count_params, flops_per_token
-  from gdn_jax.train import metrics as metrics_lib
-  from gdn_jax.train import step as step_lib
+    cpu_workarounds()
+    from gdn_jax.train import mesh as mesh_lib
 
-  n_dev = jax.device_count()
-  G = args.batch * n_dev
-  overrides = [f"model.dtype={args.dtype}", f"data.seq_len={args.seq}",
-               f"train.global_batch={G}", f"train.microbatches={args.microbatches}",
-               "mesh.data=1" if args.fsdp else "mesh.data=-1",
-               "mesh.fsdp=-1" if args.fsdp else "mesh.fsdp=1", "mesh.tensor=1"]
-  if args.remat:
-    overrides.append(f"model.remat={args.remat}")
-  if args.gdn_impl:
-    overrides.append(f"model.gdn_impl={args.gdn_impl}")
-  cfg = experiment.apply_overrides(experiment.get_config(args.config), overrides + args.set)
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  trainer = step_lib.build(cfg, mesh)
-  state, rest = trainer.init_fn(), trainer.rest_fn()
+    mode = args.distributed or ("manual" if args.coordinator_address else "off")
+    mesh_lib.initialize_distributed(
+        mode, args.coordinator_address, args.num_processes, args.process_id
+    )
 
-  rows = mesh_lib.local_rows(mesh, G, args.seq)
-  rng = np.random.default_rng(jax.process_index())
-  shape = (len(rows), args.seq)
-  tokens = rng.integers(0, cfg.model.vocab_size, size=(shape[0], shape[1] + 1), dtype=np.int32)
-  local = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-           "loss_mask": np.ones(shape, np.float32), "segment_ids": np.ones(shape, np.int32),
-           "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), shape).copy()}
-  batch = mesh_lib.global_batch_array(local, mesh, G)
+    import jax
+    import numpy as np
+    from configs import experiment
+    from gdn_jax.model import count_params, flops_per_token
+    from gdn_jax.train import metrics as metrics_lib
+    from gdn_jax.train import step as step_lib
 
-  times = []
-  for i in range(args.warmup + args.steps):
-    t0 = time.perf_counter()
-    state, m = trainer.step_fn(state, rest, batch)
-    loss = float(m["loss"])  # blocks: the step is done
-    if i >= args.warmup:
-      times.append(time.perf_counter() - t0)
-  dt = statistics.median(times)
-  tok_s = G * args.seq / dt
-  n = count_params(cfg.model)
-  peak = metrics_lib.peak_flops(jax.devices()[0])
-  stats = jax.local_devices()[0].memory_stats() or {}
-  if jax.process_index() == 0:
-    print(f"config {cfg.name} | {n / 1e6:,.1f}M params | {n_dev} x {jax.devices()[0].device_kind} | "
-          f"mesh {dict(mesh.shape)} | batch {G} x {args.seq} | dtype {cfg.model.dtype} | "
-          f"remat {cfg.model.remat} | gdn_impl {cfg.model.gdn_impl}")
-    print(f"{'step time (median)':<24}{dt * 1e3:10.1f} ms   (min {min(times) * 1e3:.1f}, "
-          f"max {max(times) * 1e3:.1f}, {len(times)} steps)")
-    print(f"{'tokens/s':<24}{tok_s:10,.0f}   ({tok_s / n_dev:,.0f} per device)")
-    if peak:
-      print(f"{'MFU (6N)':<24}{100 * tok_s * 6 * n / (n_dev * peak):10.1f} %")
-      print(f"{'MFU (model FLOPs)':<24}"
-            f"{100 * tok_s * flops_per_token(cfg.model, args.seq) / (n_dev * peak):10.1f} %")
-    else:
-      print(f"{'MFU':<24}{'n/a':>10}   (no peak FLOP/s for {jax.devices()[0].device_kind})")
-    if "peak_bytes_in_use" in stats:
-      print(f"{'peak memory':<24}{stats['peak_bytes_in_use'] / 2**30:10.2f} GiB (device 0)")
-    else:
-      print(f"{'peak memory':<24}{'n/a':>10}")
-    print(f"{'last loss':<24}{loss:10.4f}")
+    n_dev = jax.device_count()
+    G = args.batch * n_dev
+    overrides = [
+        f"model.dtype={args.dtype}",
+        f"data.seq_len={args.seq}",
+        f"train.global_batch={G}",
+        f"train.microbatches={args.microbatches}",
+        "mesh.data=1" if args.fsdp else "mesh.data=-1",
+        "mesh.fsdp=-1" if args.fsdp else "mesh.fsdp=1",
+        "mesh.tensor=1",
+    ]
+    if args.remat:
+        overrides.append(f"model.remat={args.remat}")
+    if args.gdn_impl:
+        overrides.append(f"model.gdn_impl={args.gdn_impl}")
+    cfg = experiment.apply_overrides(experiment.get_config(args.config), overrides + args.set)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    trainer = step_lib.build(cfg, mesh)
+    state, rest = trainer.init_fn(), trainer.rest_fn()
+
+    rows = mesh_lib.local_rows(mesh, G, args.seq)
+    rng = np.random.default_rng(jax.process_index())
+    shape = (len(rows), args.seq)
+    tokens = rng.integers(0, cfg.model.vocab_size, size=(shape[0], shape[1] + 1), dtype=np.int32)
+    local = {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": np.ones(shape, np.float32),
+        "segment_ids": np.ones(shape, np.int32),
+        "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), shape).copy(),
+    }
+    batch = mesh_lib.global_batch_array(local, mesh, G)
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        state, m = trainer.step_fn(state, rest, batch)
+        loss = float(m["loss"])  # blocks: the step is done
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    tok_s = G * args.seq / dt
+    n = count_params(cfg.model)
+    peak = metrics_lib.peak_flops(jax.devices()[0])
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if jax.process_index() == 0:
+        print(
+            f"config {cfg.name} | {n / 1e6:,.1f}M params | {n_dev} x {jax.devices()[0].device_kind} | "
+            f"mesh {dict(mesh.shape)} | batch {G} x {args.seq} | dtype {cfg.model.dtype} | "
+            f"remat {cfg.model.remat} | gdn_impl {cfg.model.gdn_impl}"
+        )
+        print(
+            f"{'step time (median)':<24}{dt * 1e3:10.1f} ms   (min {min(times) * 1e3:.1f}, "
+            f"max {max(times) * 1e3:.1f}, {len(times)} steps)"
+        )
+        print(f"{'tokens/s':<24}{tok_s:10,.0f}   ({tok_s / n_dev:,.0f} per device)")
+        if peak:
+            print(f"{'MFU (6N)':<24}{100 * tok_s * 6 * n / (n_dev * peak):10.1f} %")
+            print(
+                f"{'MFU (model FLOPs)':<24}"
+                f"{100 * tok_s * flops_per_token(cfg.model, args.seq) / (n_dev * peak):10.1f} %"
+            )
+        else:
+            print(f"{'MFU':<24}{'n/a':>10}   (no peak FLOP/s for {jax.devices()[0].device_kind})")
+        if "peak_bytes_in_use" in stats:
+            print(f"{'peak memory':<24}{stats['peak_bytes_in_use'] / 2**30:10.2f} GiB (device 0)")
+        else:
+            print(f"{'peak memory':<24}{'n/a':>10}")
+        print(f"{'last loss':<24}{loss:10.4f}")
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -19,34 +19,43 @@ SMALL = ["data.seq_len=64", "train.global_batch=8", "train.warmup_steps=5", "tra
 
 
 def _env(**extra):
-  env = dict(os.environ)
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  env.pop("XLA_FLAGS", None)
-  env["JAX_PLATFORMS"] = "cpu"
-  env.update(extra)
-  return env
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
+    return env
 
 
 def _train_cmd(workdir, steps, *overrides):
-  return [sys.executable, TRAIN, "--workdir", str(workdir), "--steps", str(steps),
-          "--set", *SMALL, *overrides]
+    return [
+        sys.executable,
+        TRAIN,
+        "--workdir",
+        str(workdir),
+        "--steps",
+        str(steps),
+        "--set",
+        *SMALL,
+        *overrides,
+    ]
 
 
 def _run(cmd, timeout=240, **env):
-  out = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
-  assert out.returncode == 0, out.stdout + out.stderr
-  return out
+    out = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
 
 
 def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r for r in map(json.loads, f)}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
 
 
 def _data_state(workdir, step):
-  path = os.path.join(workdir, "checkpoints", str(step), "data", "process_0-of-1.json")
-  with open(path) as f:
-    return json.load(f)
+    path = os.path.join(workdir, "checkpoints", str(step), "data", "process_0-of-1.json")
+    with open(path) as f:
+        return json.load(f)
 
 
 _SHARDED = textwrap.dedent("""
@@ -88,114 +97,147 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_sharded_accumulated_steps_match_single_device():
-  # 2x2x2 mesh with 2 microbatches per step vs one device taking the whole batch at once.
-  overrides = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.seq_len=32",
-               "train.global_batch=8", "data.prefetch=0"]
-  code = _SHARDED.format(overrides=overrides)
-  out = _run([sys.executable, "-c", code],
-             XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-                       "--xla_cpu_multi_thread_eigen=false")
-  assert "OK" in out.stdout
+    # 2x2x2 mesh with 2 microbatches per step vs one device taking the whole batch at once.
+    overrides = [
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        "mesh.tensor=2",
+        "data.seq_len=32",
+        "train.global_batch=8",
+        "data.prefetch=0",
+    ]
+    code = _SHARDED.format(overrides=overrides)
+    out = _run(
+        [sys.executable, "-c", code],
+        XLA_FLAGS="--xla_force_host_platform_device_count=8 " "--xla_cpu_multi_thread_eigen=false",
+    )
+    assert "OK" in out.stdout
 
 
 def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def test_two_processes_match_one_process(tmp_path):
-  steps = 6
-  _run(_train_cmd(tmp_path / "one", steps, "run.log_every=1"))
-  port = _free_port()
-  procs = [subprocess.Popen(
-      _train_cmd(tmp_path / "two", steps, "run.log_every=1") +
-      ["--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-       "--process_id", str(i)],
-      env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=240)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs
-  assert "2 process(es)" in outs[0]
-  one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-  assert sorted(one) == sorted(two) == list(range(1, steps + 1))
-  for s in one:
-    np.testing.assert_allclose(two[s]["loss"], one[s]["loss"], rtol=1e-5)
-    np.testing.assert_allclose(two[s]["grad_norm"], one[s]["grad_norm"], rtol=1e-4)
-  # Each process wrote its own data-iterator state, for its own rows.
-  ck = tmp_path / "two" / "checkpoints" / str(steps) / "data"
-  states = [json.loads((ck / f"process_{i}-of-2.json").read_text()) for i in range(2)]
-  assert states[0]["rows"] == [0, 1, 2, 3] and states[1]["rows"] == [4, 5, 6, 7]
+    steps = 6
+    _run(_train_cmd(tmp_path / "one", steps, "run.log_every=1"))
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _train_cmd(tmp_path / "two", steps, "run.log_every=1")
+            + [
+                "--coordinator_address",
+                f"localhost:{port}",
+                "--num_processes",
+                "2",
+                "--process_id",
+                str(i),
+            ],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert "2 process(es)" in outs[0]
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, steps + 1))
+    for s in one:
+        np.testing.assert_allclose(two[s]["loss"], one[s]["loss"], rtol=1e-5)
+        np.testing.assert_allclose(two[s]["grad_norm"], one[s]["grad_norm"], rtol=1e-4)
+    # Each process wrote its own data-iterator state, for its own rows.
+    ck = tmp_path / "two" / "checkpoints" / str(steps) / "data"
+    states = [json.loads((ck / f"process_{i}-of-2.json").read_text()) for i in range(2)]
+    assert states[0]["rows"] == [0, 1, 2, 3] and states[1]["rows"] == [4, 5, 6, 7]
 
 
 def test_kill9_resume_matches_uninterrupted_run_and_loss_falls(tmp_path):
-  steps = 30
-  extra = ["run.log_every=1", "run.checkpoint_every=10"]
-  _run(_train_cmd(tmp_path / "ref", steps, *extra))
-  ref = _metrics(tmp_path / "ref")
-  # The tiny config learns: loss falls well below its start (ln 258 ~ 5.55).
-  assert ref[steps]["loss"] < ref[1]["loss"] - 1.5, (ref[1]["loss"], ref[steps]["loss"])
+    steps = 30
+    extra = ["run.log_every=1", "run.checkpoint_every=10"]
+    _run(_train_cmd(tmp_path / "ref", steps, *extra))
+    ref = _metrics(tmp_path / "ref")
+    # The tiny config learns: loss falls well below its start (ln 258 ~ 5.55).
+    assert ref[steps]["loss"] < ref[1]["loss"] - 1.5, (ref[1]["loss"], ref[steps]["loss"])
 
-  cmd = _train_cmd(tmp_path / "run", steps, *extra)
-  proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  marker = tmp_path / "run" / "checkpoints" / "10" / "commit_success.txt"
-  deadline = time.time() + 180
-  while not marker.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  time.sleep(0.3)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert marker.exists()
-  killed_at = max(_metrics(tmp_path / "run"))
-  assert killed_at < steps, "the run finished before it was killed"
-  _run(cmd)
-  got = _metrics(tmp_path / "run")
-  assert sorted(got) == sorted(ref)
-  for s in ref:
-    for k in ("loss", "grad_norm", "lr"):
-      np.testing.assert_allclose(got[s][k], ref[s][k], rtol=1e-6, atol=0, err_msg=f"{k}@{s}")
-  # Same data positions: every row's (documents consumed, offset) agrees at every checkpoint.
-  assert _data_state(tmp_path / "run", steps) == _data_state(tmp_path / "ref", steps)
+    cmd = _train_cmd(tmp_path / "run", steps, *extra)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "run" / "checkpoints" / "10" / "commit_success.txt"
+    deadline = time.time() + 180
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists()
+    killed_at = max(_metrics(tmp_path / "run"))
+    assert killed_at < steps, "the run finished before it was killed"
+    _run(cmd)
+    got = _metrics(tmp_path / "run")
+    assert sorted(got) == sorted(ref)
+    for s in ref:
+        for k in ("loss", "grad_norm", "lr"):
+            np.testing.assert_allclose(got[s][k], ref[s][k], rtol=1e-6, atol=0, err_msg=f"{k}@{s}")
+    # Same data positions: every row's (documents consumed, offset) agrees at every checkpoint.
+    assert _data_state(tmp_path / "run", steps) == _data_state(tmp_path / "ref", steps)
 
-  # The eval-facing loader rebuilds the model from config.json + the latest checkpoint.
-  import jax
-  from gdn_jax.train.checkpoint import load_params
-  from flax import nnx
-  model_cfg, model = load_params(str(tmp_path / "run"))
-  assert model_cfg.vocab_size == 258
-  tokens = np.zeros((1, 8), np.int32)
-  assert np.isfinite(np.asarray(model(jax.numpy.asarray(tokens)))).all()
-  assert len(jax.tree.leaves(nnx.state(model, nnx.Param))) > 0
+    # The eval-facing loader rebuilds the model from config.json + the latest checkpoint.
+    import jax
+    from gdn_jax.train.checkpoint import load_params
+    from flax import nnx
+
+    model_cfg, model = load_params(str(tmp_path / "run"))
+    assert model_cfg.vocab_size == 258
+    tokens = np.zeros((1, 8), np.int32)
+    assert np.isfinite(np.asarray(model(jax.numpy.asarray(tokens)))).all()
+    assert len(jax.tree.leaves(nnx.state(model, nnx.Param))) > 0
 
 
 def test_sigterm_saves_a_checkpoint(tmp_path):
-  cmd = _train_cmd(tmp_path / "run", 100000, "run.log_every=1", "run.checkpoint_every=100000")
-  proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-  deadline = time.time() + 180
-  while time.time() < deadline:
-    if (tmp_path / "run" / "metrics.jsonl").exists() and _metrics(tmp_path / "run"):
-      break
-    time.sleep(0.1)
-  proc.send_signal(signal.SIGTERM)
-  out = proc.communicate(timeout=120)[0]
-  assert proc.returncode == 0, out
-  assert "SIGTERM" in out
-  steps = [int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit()]
-  assert len(steps) == 1 and steps[0] >= 1
-  assert _data_state(tmp_path / "run", steps[0])["rows"] == list(range(8))
+    cmd = _train_cmd(tmp_path / "run", 100000, "run.log_every=1", "run.checkpoint_every=100000")
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if (tmp_path / "run" / "metrics.jsonl").exists() and _metrics(tmp_path / "run"):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert "SIGTERM" in out
+    steps = [int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 1
+    assert _data_state(tmp_path / "run", steps[0])["rows"] == list(range(8))
 
 
 def test_nonfinite_loss_stops_with_a_message(tmp_path):
-  cmd = _train_cmd(tmp_path / "run", 20, "train.lr=1e30", "train.warmup_steps=0",
-                   "train.clip_norm=0", "run.checkpoint_every=1000")
-  out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
-  assert out.returncode == 3, out.stdout + out.stderr
-  assert "last good params saved" in out.stderr or "checkpoint of the last good" in out.stderr
-  steps = [int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit()]
-  assert steps
+    cmd = _train_cmd(
+        tmp_path / "run",
+        20,
+        "train.lr=1e30",
+        "train.warmup_steps=0",
+        "train.clip_norm=0",
+        "run.checkpoint_every=1000",
+    )
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "last good params saved" in out.stderr or "checkpoint of the last good" in out.stderr
+    steps = [int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit()]
+    assert steps
 
 
 def test_cli_rejects_unknown_override(tmp_path):
-  out = subprocess.run([sys.executable, TRAIN, "--workdir", str(tmp_path), "--set", "train.lrr=1"],
-                       env=_env(), capture_output=True, text=True, timeout=120)
-  assert out.returncode != 0 and "train has no field 'lrr'" in out.stderr
+    out = subprocess.run(
+        [sys.executable, TRAIN, "--workdir", str(tmp_path), "--set", "train.lrr=1"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and "train has no field 'lrr'" in out.stderr

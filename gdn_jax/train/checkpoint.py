@@ -27,91 +27,104 @@ from configs import experiment
 
 
 class _FrozenIteratorState(grain.DatasetIterator):
-  """The iterator state at save time: async saves must not see the iterator move on."""
+    """The iterator state at save time: async saves must not see the iterator move on."""
 
-  def __init__(self, state: dict):
-    super().__init__()
-    self._state = state
+    def __init__(self, state: dict):
+        super().__init__()
+        self._state = state
 
-  def __next__(self):
-    raise StopIteration
+    def __next__(self):
+        raise StopIteration
 
-  def get_state(self):
-    return self._state
+    def get_state(self):
+        return self._state
 
-  def set_state(self, state):
-    self._state = state
+    def set_state(self, state):
+        self._state = state
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def make_manager(workdir: str, cfg: experiment.RunConfig) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=cfg.keep_checkpoints,
-      save_interval_steps=1,  # the loop decides when to save
-      enable_async_checkpointing=cfg.async_checkpoints,
-      create=True,
-      cleanup_tmp_directories=True,  # half-written saves of a killed run
-  )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "data"),
-                               options=options)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_checkpoints,
+        save_interval_steps=1,  # the loop decides when to save
+        enable_async_checkpointing=cfg.async_checkpoints,
+        create=True,
+        cleanup_tmp_directories=True,  # half-written saves of a killed run
+    )
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir), item_names=("state", "data"), options=options
+    )
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter) -> None:
-  """Starts saving (async when configured); returns once arrays are copied off the devices."""
-  args = ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(_FrozenIteratorState(dict(data_iter.get_state()))),
-  )
-  manager.save(step, args=args, force=True)
+    """Starts saving (async when configured); returns once arrays are copied off the devices."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(_FrozenIteratorState(dict(data_iter.get_state()))),
+    )
+    manager.save(step, args=args, force=True)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, state_shardings: Any,
-            data_iter) -> Any:
-  """Restores the train state (placed with `state_shardings`) and sets `data_iter`'s state."""
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state, state_shardings)
-  out = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target),
-      data=grain.checkpoint.CheckpointRestore(data_iter)))
-  return out["state"]
+def restore(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any, state_shardings: Any, data_iter
+) -> Any:
+    """Restores the train state (placed with `state_shardings`) and sets `data_iter`'s state."""
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state,
+        state_shardings,
+    )
+    out = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+        ),
+    )
+    return out["state"]
 
 
 def load_params(workdir: str, step: int | None = None, *, model_factory=None):
-  """(model_cfg, model) from a workdir's config.json and its latest (or given) checkpoint.
+    """(model_cfg, model) from a workdir's config.json and its latest (or given) checkpoint.
 
-  The model is an nnx module on the default device (single process, unsharded), params float32.
-  Only "params" is read; the optimiser state is skipped.
-  """
-  from gdn_jax.train.step import default_model_factory
-  model_factory = model_factory or default_model_factory
-  cfg = experiment.get_config(os.path.join(workdir, "config.json"))
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: model_factory(cfg.model, nnx.Rngs(0)))
-  graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-  path = checkpoint_dir(workdir)
-  if step is None:
-    steps = ocp.utils.checkpoint_steps(path) if os.path.isdir(path) else []
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint under {path}")
-    step = max(steps)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        nnx.to_pure_dict(abstract_params))
-  ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-  restore_args = {"params": jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)}
-  if "partial_restore" in inspect.signature(ocp.args.PyTreeRestore).parameters:
-    subset = dict(partial_restore=True)
-  else:  # older orbax: an empty `transforms` restores only the keys of `item`
-    subset = dict(transforms={})
-  restored = ckptr.restore(
-      os.path.join(path, str(step), "state"),
-      args=ocp.args.PyTreeRestore(item={"params": target}, restore_args=restore_args, **subset))
-  with nnx.use_eager_sharding(False):
-    model = model_factory(cfg.model, nnx.Rngs(0))
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, restored["params"])
-  nnx.update(model, state)
-  return cfg.model, model
+    The model is an nnx module on the default device (single process, unsharded), params float32.
+    Only "params" is read; the optimiser state is skipped.
+    """
+    from gdn_jax.train.step import default_model_factory
+
+    model_factory = model_factory or default_model_factory
+    cfg = experiment.get_config(os.path.join(workdir, "config.json"))
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: model_factory(cfg.model, nnx.Rngs(0)))
+    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    path = checkpoint_dir(workdir)
+    if step is None:
+        steps = ocp.utils.checkpoint_steps(path) if os.path.isdir(path) else []
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint under {path}")
+        step = max(steps)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        nnx.to_pure_dict(abstract_params),
+    )
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    restore_args = {"params": jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)}
+    if "partial_restore" in inspect.signature(ocp.args.PyTreeRestore).parameters:
+        subset = dict(partial_restore=True)
+    else:  # older orbax: an empty `transforms` restores only the keys of `item`
+        subset = dict(transforms={})
+    restored = ckptr.restore(
+        os.path.join(path, str(step), "state"),
+        args=ocp.args.PyTreeRestore(item={"params": target}, restore_args=restore_args, **subset),
+    )
+    with nnx.use_eager_sharding(False):
+        model = model_factory(cfg.model, nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, restored["params"])
+    nnx.update(model, state)
+    return cfg.model, model
