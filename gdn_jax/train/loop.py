@@ -155,6 +155,19 @@ def train(
             last.update(logger.log(step, host))
         return step, host, True
 
+    def stop_if_not_finite(pending, step):
+        """Raises after saving when step `pending`'s metrics (fetched one step late) are not finite."""
+        bad_step, host, ok = drain(pending)
+        if not ok:
+            # The step function drops non-finite updates, so `state` holds the last good params.
+            save(step)
+            manager.wait_until_finished()
+            raise NonFiniteLossError(
+                f"loss {host['loss']} / grad norm {host['grad_norm']} at step {bad_step}: stopped. "
+                f"The update was skipped; checkpoint of the last good params saved at step {step} "
+                f"in {ckpt_lib.checkpoint_dir(workdir)}."
+            )
+
     step = start
     try:
         while step < stop_step:
@@ -164,16 +177,7 @@ def train(
             step += 1
             logger.add_tokens(G * T)
             if pending is not None:
-                bad_step, host, ok = drain(pending)
-                if not ok:
-                    # The step function drops non-finite updates, so `state` holds the last good params.
-                    save(step)
-                    manager.wait_until_finished()
-                    raise NonFiniteLossError(
-                        f"loss {host['loss']} / grad norm {host['grad_norm']} at step {bad_step}: stopped. "
-                        f"The update was skipped; checkpoint of the last good params saved at step {step} "
-                        f"in {ckpt_lib.checkpoint_dir(workdir)}."
-                    )
+                stop_if_not_finite(pending, step)
             pending = (step, m)
             if step % cfg.run.checkpoint_every == 0 or step == stop_step:
                 save(step)
@@ -183,14 +187,7 @@ def train(
                     print(f"SIGTERM: checkpoint saved at step {step}; stopping.", flush=True)
                 break
         if pending is not None:
-            bad_step, host, ok = drain(pending)
-            if not ok:
-                save(step)
-                manager.wait_until_finished()
-                raise NonFiniteLossError(
-                    f"loss {host['loss']} at step {bad_step}: stopped; last good "
-                    f"params saved at step {step}."
-                )
+            stop_if_not_finite(pending, step)
         save(step)
         manager.wait_until_finished()
     finally:
