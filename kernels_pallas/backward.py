@@ -67,6 +67,13 @@ def reverse_sweep(q, k, w, g, docs, do, dS_final, tiling: Tiling, mm_dtype):
     )(q, k, w, g, *docs, do, dS_final)
 
 
+def load_chunk(q_ref, k_ref, beta_ref, T_ref, g_ref, doc_refs, scale):
+    """What both gradient kernels read of one chunk: scaled q, k (float32), beta, T and the decays."""
+    f32 = jnp.float32
+    return (q_ref[...].astype(f32) * scale, k_ref[...].astype(f32), beta_ref[...], T_ref[...],
+            chunk_decays(g_ref[...], *load_docs(doc_refs)))
+
+
 def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dtype):
     """The [C, C]-level half of the chunk gradients, grid (N, B*HV), value tiles in an inner loop.
 
@@ -82,11 +89,7 @@ def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dt
         doc_refs = refs[5:5 + len(docs)]
         T_ref, do_ref, vn_ref, dvn_ref, dv_ref, dqk_ref, y_ref, dG_ref, dbeta_ref = refs[5 + len(docs):]
         f32 = jnp.float32
-        q_c = q_ref[...].astype(f32) * t.scale
-        k_c = k_ref[...].astype(f32)
-        beta_c = beta_ref[...]
-        T = T_ref[...]
-        dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
+        q_c, k_c, beta_c, T, dec = load_chunk(q_ref, k_ref, beta_ref, T_ref, g_ref, doc_refs, t.scale)
         do_vn = jnp.zeros((C, C), f32)    # dO Vnew^T
         dvn_vn = jnp.zeros((C, C), f32)   # dVnew Vnew^T
         dbeta = jnp.zeros((C,), f32)
@@ -140,11 +143,7 @@ def key_grads(q, k, g, beta, docs, T, d_qk, Y, states_in, dstates_out, do, vnew,
         (T_ref, dqk_ref, y_ref, s_ref, dso_ref, do_ref, vn_ref, dvn_ref,
          dq_ref, dk_ref, dG_ref, dbeta_ref) = refs[4 + len(docs):]
         f32 = jnp.float32
-        q_c = q_ref[...].astype(f32) * t.scale
-        k_c = k_ref[...].astype(f32)
-        beta_c = beta_ref[...]
-        T = T_ref[...]
-        dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
+        q_c, k_c, beta_c, T, dec = load_chunk(q_ref, k_ref, beta_ref, T_ref, g_ref, doc_refs, t.scale)
         dq_raw = jnp.zeros((C, BK), f32)   # dO S^T
         dk_out = jnp.zeros((C, BK), f32)   # Vnew dS^T: gradient of (d_out * K)
         dkbg = jnp.zeros((C, BK), f32)     # -(T^T dVnew) S^T: gradient of (beta * d_in * K)
