@@ -54,13 +54,14 @@ def make_inputs(shape, seed=0, dtype=jnp.bfloat16):
     return (q.astype(dtype), k.astype(dtype), v.astype(dtype), g, beta), dO
 
 
-def pallas_fn(block_v, num_warps, num_stages, sweep_warps, split_output=None):
+def pallas_fn(**tiling):
+    """The pallas op with launch parameters `tiling` (block_v, block_k, num_warps, num_stages,
+    sweep_warps, split_output; missing ones take the op's defaults)."""
     def f(q, k, v, g, beta):
         B, T, H, K = q.shape
         return pallas_gated_delta_rule(
             q, k, v, g, beta, scale=K ** -0.5, initial_state=jnp.zeros((B, H, K, v.shape[-1]), jnp.float32),
-            reset=None, chunk_size=64, block_v=block_v, num_warps=num_warps, num_stages=num_stages,
-            sweep_warps=sweep_warps, split_output=split_output)
+            reset=None, chunk_size=64, **tiling)
     return f
 
 
@@ -175,16 +176,18 @@ def fla_runner():
     return run
 
 
-def breakdown(shape, bv, w, s, sw, iters):
-    """Milliseconds of each kernel of one forward+backward at this shape (bf16)."""
+def breakdown(shape, tiling, iters):
+    """Milliseconds of each kernel of one forward+backward at this shape (bf16; K, V powers of two)."""
     from kernels_pallas import backward, forward
     from kernels_pallas.layout import Tiling
     (q, k, v, g, beta), dO = make_inputs(shape)
     B, T, H, K, V = shape
     C = 64
     N = T // C
-    t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=min(bv or 64, V), BK=min(64, K), scale=K ** -0.5, has_docs=False,
-               num_warps=w, sweep_warps=sw or 4, num_stages=s)
+    t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=min(tiling.get("block_v") or 64, V),
+               BK=min(tiling.get("block_k") or 64, K), scale=K ** -0.5, has_docs=False,
+               num_warps=tiling.get("num_warps", 4), sweep_warps=tiling.get("sweep_warps") or 4,
+               num_stages=tiling.get("num_stages", 1))
     ch = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q, k, v, g, beta, do = map(ch, (q, k, v, g, beta, dO.astype(jnp.bfloat16)))
     S0 = jnp.zeros((B, H, K, V), jnp.float32)
@@ -196,8 +199,10 @@ def breakdown(shape, bv, w, s, sw, iters):
     sweep_r = jax.jit(lambda *a: forward.sweep(*a, (), S0, t, mmd, out_dtype=v.dtype, residuals=True)[1:])
     _, s_in, vn = sweep_r(q, k, w_, u_, g)
     out_k = jax.jit(lambda q, k, g, s_in, vn: forward.output(q, k, g, (), s_in, vn, t, mmd, out_dtype=v.dtype))
-    rev = jax.jit(lambda q, k, w, g, do: backward.reverse_sweep(q, k, w, g, (), do, S0, t, mmd))
-    ds_out, dvn, _ = rev(q, k, w_, g, do)
+    loc = jax.jit(lambda q, k, g, do: backward.local_dvnew(q, k, g, (), do, t, mmd))
+    dvl = loc(q, k, g, do)
+    rev = jax.jit(lambda q, k, w, g, do, dvl: backward.reverse_sweep(q, k, w, g, (), do, dvl, S0, t, mmd))
+    ds_out, dvn, _ = rev(q, k, w_, g, do, dvl)
     pair = jax.jit(lambda q, k, v, g, beta, T, do, vn, dvn: backward.pair_grads(
         q, k, v, g, beta, (), T, do, vn, dvn, t, mmd))
     _, d_qk, Y, _, _ = pair(q, k, v, g, beta, T_, do, vn, dvn)
@@ -207,33 +212,42 @@ def breakdown(shape, bv, w, s, sw, iters):
            "sweep+output": time_jax(sweep_o, (q, k, w_, u_, g), iters),
            "sweep residuals": time_jax(sweep_r, (q, k, w_, u_, g), iters),
            "output": time_jax(out_k, (q, k, g, s_in, vn), iters),
-           "reverse sweep": time_jax(rev, (q, k, w_, g, do), iters)}
-    out["pair grads"] = time_jax(pair, (q, k, v, g, beta, T_, do, vn, dvn), iters)
-    out["key grads"] = time_jax(keys, (q, k, g, beta, T_, d_qk, Y, s_in, ds_out, do, vn, dvn), iters)
-    return out
+           "local dvnew": time_jax(loc, (q, k, g, do), iters),
+           "reverse sweep": time_jax(rev, (q, k, w_, g, do, dvl), iters),
+           "pair grads": time_jax(pair, (q, k, v, g, beta, T_, do, vn, dvn), iters),
+           "key grads": time_jax(keys, (q, k, g, beta, T_, d_qk, Y, s_in, ds_out, do, vn, dvn), iters)}
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+VARIANT_KEYS = {"bv": "block_v", "k": "block_k", "w": "num_warps", "s": "num_stages", "x": "sweep_warps"}
 
 
 def parse_variants(text):
+    """'default' or e.g. bv64k128w4s2x8o1: block_v 64, block_k 128, 4 warps, 2 stages, 8 warps in the
+    sequential sweeps, split output on (o0: fused). Parameters left out take the op's defaults."""
     out = []
-    for item in text.split(","):  # e.g. bv64w4s1x8: block_v 64, 4 warps, 1 stage, 8 sweep warps
+    for item in text.split(","):
         nums = dict(re.findall(r"([a-z]+)(\d+)", item))
-        w = int(nums.get("w", 4))
-        bv = int(nums.get("bv", 0)) or None  # bv0 or none: the kernel's own default
-        sw = int(nums.get("x", 0)) or None  # no x: the kernel's own default
-        split = None if "o" not in nums else bool(int(nums["o"]))  # o1: split output, o0: fused
-        out.append((item, bv, w, int(nums.get("s", 1)), sw, split))
+        tiling = {VARIANT_KEYS[k]: int(v) for k, v in nums.items() if k in VARIANT_KEYS}
+        if "o" in nums:
+            tiling["split_output"] = bool(int(nums["o"]))
+        unknown = set(nums) - set(VARIANT_KEYS) - {"o"}
+        if unknown:
+            raise SystemExit(f"--variants: unknown key(s) {sorted(unknown)} in {item!r}")
+        out.append((item, tiling))
     return out
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="all", help=f"comma list of {list(SHAPES)} or 'all'")
-    p.add_argument("--variants", default="default", help="pallas tilings: bv<block_v>w<warps>[s<stages>][x<sweep warps>][o<0|1 split output>]")
+    p.add_argument("--variants", default="default", help="pallas tilings: [bv<block_v>][k<block_k>][w<warps>][s<stages>][x<sweep warps>][o<0|1 split output>]")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--no-chunk", action="store_true", help="skip timing the plain-XLA chunk path")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--breakdown", action="store_true", help="time each kernel of every variant")
+    p.add_argument("--breakdown-only", action="store_true", help="per-kernel times only, no end-to-end")
     p.add_argument("--out", default=os.environ.get("OUT"))
     args = p.parse_args()
     names = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
@@ -249,15 +263,20 @@ def main():
         inputs, dO = make_inputs(shape)
         row = {"shape": name, "dims": shape}
         if not args.no_check:
-            row["errors"] = check(pallas_fn(*variants[0][1:]), inputs, dO)
+            row["errors"] = check(pallas_fn(**variants[0][1]), inputs, dO)
             print(name, "errors vs f32 chunk:", row["errors"], flush=True)
-        for vname, bv, w, s, sw, split in variants:
-            if args.breakdown and all(d & (d - 1) == 0 for d in shape[3:]):  # unpadded kernels need 2^n
-                print(name, vname, "breakdown ms:", breakdown(shape, bv, w, s, sw, args.iters), flush=True)
-            fwd, grad = fwd_and_grad(pallas_fn(bv, w, s, sw, split), dO)
-            row[f"pallas_{vname}"] = (time_jax(fwd, inputs, args.iters), time_jax(grad, inputs, args.iters),
-                                      temp_mib(grad, inputs))
-            print(name, vname, row[f"pallas_{vname}"], flush=True)
+        for vname, tiling in variants:
+            try:  # one variant failing to compile (e.g. out of registers) must not end the run
+                if args.breakdown and all(d & (d - 1) == 0 for d in shape[3:]):  # kernels need 2^n dims
+                    print(name, vname, "breakdown ms:", breakdown(shape, tiling, args.iters), flush=True)
+                if args.breakdown_only:
+                    continue
+                fwd, grad = fwd_and_grad(pallas_fn(**tiling), dO)
+                row[f"pallas_{vname}"] = (time_jax(fwd, inputs, args.iters),
+                                          time_jax(grad, inputs, args.iters), temp_mib(grad, inputs))
+                print(name, vname, row[f"pallas_{vname}"], flush=True)
+            except Exception as e:
+                print(name, vname, "FAILED:", repr(e)[:2000], flush=True)
         if not args.no_chunk:
             fwd, grad = fwd_and_grad(chunk_fn, dO)
             row["chunk"] = (time_jax(fwd, inputs, args.iters), time_jax(grad, inputs, args.iters),
@@ -273,7 +292,8 @@ def main():
 
     print("\nshape        impl            fwd ms   fwd+bwd ms   peak MiB   chunk/pallas  FLA/pallas (fwd+bwd)")
     for row in rows:
-        best = min((k for k in row if k.startswith("pallas_")), key=lambda k: row[k][1])
+        timed = [k for k in row if k.startswith("pallas_")]
+        best = min(timed, key=lambda k: row[k][1]) if timed else None
         for key in [k for k in row if k.startswith("pallas_")] + ["chunk", "fla"]:
             if key not in row:
                 continue

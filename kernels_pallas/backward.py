@@ -1,5 +1,6 @@
 """Backward kernels: the reverse pass across chunks, then all input gradients chunk by chunk.
 
+  local_dvnew    grid (N, B*HV): the chunk-local part (Q K^T * Gamma)^T dO of dVnew.
   reverse_sweep  grid (B*HV, V / BV), chunks walked from last to first with the state cotangent
                  dS (= dL/dS leaving the chunk), per value tile:
                  dVnew = (Q K^T * Gamma)^T dO + (d_out * K) dS
@@ -28,30 +29,57 @@ from kernels_pallas.forward import load_docs
 from kernels_pallas.layout import Tiling
 
 
-def reverse_sweep(q, k, w, g, docs, do, dS_final, tiling: Tiling, mm_dtype):
+def local_dvnew(q, k, g, docs, do, tiling: Tiling, mm_dtype):
+    """The part of dVnew that does not depend on later chunks, all chunks at once, grid (N, B*HV):
+    (scale * Q K^T * Gamma)^T dO  [B,N,C,HV,V] in mm_dtype. Taking it out of `reverse_sweep` forms
+    Q K^T once per chunk instead of once per value tile, and shortens the sequential loop."""
+    t = tiling
+    V, BV = t.V, t.BV
+
+    def kernel(*refs):
+        q_ref, k_ref, g_ref = refs[:3]
+        doc_refs = refs[3:3 + len(docs)]
+        do_ref, out_ref = refs[3 + len(docs):]
+        dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
+        qk = mm(q_ref[...], k_ref[...], tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
+        for j in range(V // BV):
+            vs = pl.ds(j * BV, BV)
+            out_ref[:, vs] = mm(qk, do_ref[:, vs], ta=True, dtype=mm_dtype).astype(out_ref.dtype)
+
+    return backend.call(
+        kernel, grid=t.chunk_grid,
+        in_specs=[t.qk_spec(), t.qk_spec(), t.gate_spec(), *[t.doc_spec()] * len(docs), t.head_spec(V)],
+        out_specs=t.head_spec(V),
+        out_shape=jax.ShapeDtypeStruct((t.B, t.N, t.C, t.HV, V), mm_dtype),
+        num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_local_dvnew",
+    )(q, k, g, *docs, do)
+
+
+def reverse_sweep(q, k, w, g, docs, do, dvn_local, dS_final, tiling: Tiling, mm_dtype):
     """Returns (dS leaving each chunk [B,HV,N,K,V], dVnew [B,N,C,HV,V], both in mm_dtype, and the
-    float32 gradient of the initial state)."""
+    float32 gradient of the initial state). dvn_local comes from `local_dvnew`."""
     t = tiling
     C, K, V, BV = t.C, t.K, t.V, t.BV
 
     def kernel(*refs):
         q_ref, k_ref, w_ref, g_ref = refs[:4]
         doc_refs = refs[4:4 + len(docs)]
-        do_ref, dsT_ref, ds_out_ref, dvn_ref, ds0_ref = refs[4 + len(docs):]
+        do_ref, loc_ref, dsT_ref, ds_out_ref, dvn_ref, ds0_ref = refs[4 + len(docs):]
         b, hv, h = t.heads(pl.program_id(0))
         vs = pl.ds(pl.program_id(1) * BV, BV)
 
+        # As in the forward sweep, q, k and w stay in their own dtype and the per-position scalings
+        # go on the [C, BV] side of each product.
         def chunk(i, dS):
             n = t.N - 1 - i  # Triton lowers only forward loops, so walk backwards by index
-            q_c = q_ref[b, n, :, h, :].astype(jnp.float32) * t.scale
-            k_c = k_ref[b, n, :, h, :].astype(jnp.float32)
             dec = chunk_decays(g_ref[b, n, :, hv], *load_docs(doc_refs, b, n))
             do_c = do_ref[b, n, :, hv, vs].astype(jnp.float32)
-            qk = mm(q_c, k_c, tb=True, dtype=mm_dtype) * dec.gamma
-            dvn = mm(qk, do_c, ta=True, dtype=mm_dtype) + mm(k_c * dec.d_out[:, None], dS, dtype=mm_dtype)
+            dvn = (loc_ref[b, n, :, hv, vs].astype(jnp.float32)
+                   + dec.d_out[:, None] * mm(k_ref[b, n, :, h, :], dS, dtype=mm_dtype))
             ds_out_ref[b, hv, n, :, vs] = dS.astype(ds_out_ref.dtype)
             dvn_ref[b, n, :, hv, vs] = dvn.astype(dvn_ref.dtype)
-            return (dec.d_chunk * dS + mm(q_c * dec.d_in[:, None], do_c, ta=True, dtype=mm_dtype)
+            return (dec.d_chunk * dS
+                    + mm(q_ref[b, n, :, h, :], do_c * (dec.d_in * t.scale)[:, None], ta=True, dtype=mm_dtype)
                     - mm(w_ref[b, n, :, hv, :], dvn, ta=True, dtype=mm_dtype))
 
         ds0_ref[b, hv, :, vs] = jax.lax.fori_loop(0, t.N, chunk, dsT_ref[b, hv, :, vs])
@@ -59,12 +87,12 @@ def reverse_sweep(q, k, w, g, docs, do, dS_final, tiling: Tiling, mm_dtype):
     whole = backend.WHOLE
     return backend.call(
         kernel, grid=t.sequential_grid,
-        in_specs=[whole] * (6 + len(docs)), out_specs=[whole] * 3,
+        in_specs=[whole] * (7 + len(docs)), out_specs=[whole] * 3,
         out_shape=[jax.ShapeDtypeStruct((t.B, t.HV, t.N, K, V), mm_dtype),
                    jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype),
                    jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)],
         num_warps=t.sweep_warps, num_stages=t.num_stages, name="gdn_reverse_sweep",
-    )(q, k, w, g, *docs, do, dS_final)
+    )(q, k, w, g, *docs, do, dvn_local, dS_final)
 
 
 def load_chunk(q_ref, k_ref, beta_ref, T_ref, g_ref, doc_refs, scale):
@@ -95,7 +123,7 @@ def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dt
         dbeta = jnp.zeros((C,), f32)
         for j in range(V // BV):
             vs = pl.ds(j * BV, BV)
-            do_c, vn, dvn = (r[:, vs].astype(f32) for r in (do_ref, vn_ref, dvn_ref))
+            do_c, vn, dvn = (r[:, vs] for r in (do_ref, vn_ref, dvn_ref))  # matmul operands only
             do_vn += mm(do_c, vn, tb=True, dtype=mm_dtype)
             dvn_vn += mm(dvn, vn, tb=True, dtype=mm_dtype)
             t_dvn = mm(T, dvn, ta=True, dtype=mm_dtype)              # T^T dVnew = d(beta V)
@@ -150,12 +178,12 @@ def key_grads(q, k, g, beta, docs, T, d_qk, Y, states_in, dstates_out, do, vnew,
         s_ds = jnp.zeros((), f32)          # <S, dS> over this key tile
         for j in range(V // BV):
             vs = pl.ds(j * BV, BV)
-            S, dS = s_ref[:, vs].astype(f32), dso_ref[:, vs].astype(f32)
+            S, dS = s_ref[:, vs], dso_ref[:, vs]  # stored in mm_dtype: operands, not converted
             dq_raw += mm(do_ref[:, vs], S, tb=True, dtype=mm_dtype)
             dk_out += mm(vn_ref[:, vs], dS, tb=True, dtype=mm_dtype)
             t_dvn = mm(T, dvn_ref[:, vs], ta=True, dtype=mm_dtype)
             dkbg -= mm(t_dvn, S, tb=True, dtype=mm_dtype)
-            s_ds += jnp.sum(S * dS)
+            s_ds += jnp.sum(S.astype(f32) * dS.astype(f32))
 
         d_qk, Y = dqk_ref[...], y_ref[...]
         dq_ref[...] = (dq_raw * dec.d_in[:, None] + mm(d_qk, k_c, dtype=mm_dtype)) * t.scale

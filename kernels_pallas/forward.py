@@ -47,7 +47,7 @@ def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None):
             T_in_ref, w_ref, u_ref = rest
         else:
             w_ref, u_ref, T_ref = rest
-        k_c = k_ref[...].astype(jnp.float32)
+        k_c = k_ref[...]  # stays in its own dtype: scalings go on the [C, C] side, not on [C, K]
         beta_c = beta_ref[...]
         dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
         if given_T:
@@ -57,11 +57,11 @@ def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None):
             A = jnp.where(dec.strict, beta_c[:, None] * kk * dec.gamma, 0.0)
             T = unit_lower_inverse(A, mm_precise=mm_dtype == jnp.float32)
             T_ref[...] = T
-        w_ref[...] = mm(T, k_c * (beta_c * dec.d_in)[:, None], dtype=mm_dtype).astype(w_ref.dtype)
+        T_beta = T * beta_c[None, :]  # T diag(beta)
+        w_ref[...] = mm(T_beta * dec.d_in[None, :], k_c, dtype=mm_dtype).astype(w_ref.dtype)
         for j in range(V // t.BV):  # value tiles bound the live registers for wide V
             vs = pl.ds(j * t.BV, t.BV)
-            u_ref[:, vs] = mm(T, v_ref[:, vs].astype(jnp.float32) * beta_c[:, None],
-                              dtype=mm_dtype).astype(u_ref.dtype)
+            u_ref[:, vs] = mm(T_beta, v_ref[:, vs], dtype=mm_dtype).astype(u_ref.dtype)
 
     n_out = 2 if given_T else 3
     out_specs = [t.head_spec(K), t.head_spec(V), t.head_spec(C)][:n_out]
@@ -97,20 +97,22 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, out_d
         b, hv, h = t.heads(pl.program_id(0))
         vs = pl.ds(pl.program_id(1) * BV, BV)
 
+        # q, k and w stay in their own dtype: every per-position scaling is applied to the narrower
+        # [C, BV] or [C, C] side of a product, so no float32 copy of a [C, K] tile is ever live.
         def chunk(n, S):
-            k_c = k_ref[b, n, :, h, :].astype(jnp.float32)
+            k_c = k_ref[b, n, :, h, :]
             dec = chunk_decays(g_ref[b, n, :, hv], *load_docs(doc_refs, b, n))
             vnew = u_ref[b, n, :, hv, vs].astype(jnp.float32) - mm(w_ref[b, n, :, hv, :], S, dtype=mm_dtype)
             if residuals:  # stored in the matmul dtype: the backward uses them only as operands
                 s_in_ref[b, hv, n, :, vs] = S.astype(s_in_ref.dtype)
                 vn_ref[b, n, :, hv, vs] = vnew.astype(vn_ref.dtype)
             else:
-                q_c = q_ref[b, n, :, h, :].astype(jnp.float32) * t.scale
-                qk = mm(q_c, k_c, tb=True, dtype=mm_dtype) * dec.gamma
-                o = (mm(q_c * dec.d_in[:, None], S, dtype=mm_dtype)
+                q_c = q_ref[b, n, :, h, :]
+                qk = mm(q_c, k_c, tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
+                o = ((dec.d_in * t.scale)[:, None] * mm(q_c, S, dtype=mm_dtype)
                      + mm(qk, vnew, dtype=mm_dtype))
                 o_ref[b, n, :, hv, vs] = o.astype(o_ref.dtype)
-            return dec.d_chunk * S + mm(k_c * dec.d_out[:, None], vnew, ta=True, dtype=mm_dtype)
+            return dec.d_chunk * S + mm(k_c, vnew * dec.d_out[:, None], ta=True, dtype=mm_dtype)
 
         S = jax.lax.fori_loop(0, t.N, chunk, s0_ref[b, hv, :, vs])
         sT_ref[b, hv, :, vs] = S
@@ -146,13 +148,13 @@ def output(q, k, g, docs, states_in, vnew, tiling: Tiling, mm_dtype, *, out_dtyp
         q_ref, k_ref, g_ref = refs[:3]
         doc_refs = refs[3:3 + len(docs)]
         s_ref, vn_ref, o_ref = refs[3 + len(docs):]
-        q_c = q_ref[...].astype(jnp.float32) * t.scale
+        q_c = q_ref[...]
         dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
-        qk = mm(q_c, k_ref[...], tb=True, dtype=mm_dtype) * dec.gamma
-        q_in = q_c * dec.d_in[:, None]
+        qk = mm(q_c, k_ref[...], tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
+        row_scale = (dec.d_in * t.scale)[:, None]
         for j in range(V // BV):
             vs = pl.ds(j * BV, BV)
-            o = mm(q_in, s_ref[:, vs], dtype=mm_dtype) + mm(qk, vn_ref[:, vs], dtype=mm_dtype)
+            o = row_scale * mm(q_c, s_ref[:, vs], dtype=mm_dtype) + mm(qk, vn_ref[:, vs], dtype=mm_dtype)
             o_ref[:, vs] = o.astype(o_ref.dtype)
 
     return backend.call(

@@ -72,7 +72,9 @@ def _chunked_bwd(t, res, cotangents):
     w, u, _ = forward.prepare(k, v, g, beta, docs, t, mm_dtype, T=T)
     _, _, states_in, vnew = forward.sweep(q, k, w, u, g, docs, initial_state, t, mm_dtype,
                                           out_dtype=v.dtype, residuals=True)
-    dstates_out, dvnew, d_initial = backward.reverse_sweep(q, k, w, g, docs, do, dS_final, t, mm_dtype)
+    dvn_local = backward.local_dvnew(q, k, g, docs, do, t, mm_dtype)
+    dstates_out, dvnew, d_initial = backward.reverse_sweep(q, k, w, g, docs, do, dvn_local, dS_final, t,
+                                                           mm_dtype)
     dv, d_qk, Y, dG, dbeta = backward.pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, t, mm_dtype)
     dq, dk, dG_keys, dbeta_keys = backward.key_grads(q, k, g, beta, docs, T, d_qk, Y, states_in,
                                                      dstates_out, do, vnew, dvnew, t, mm_dtype)
