@@ -184,10 +184,12 @@ def breakdown(shape, tiling, iters):
     B, T, H, K, V = shape
     C = 64
     N = T // C
-    t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=min(tiling.get("block_v") or 64, V),
-               BK=min(tiling.get("block_k") or 64, K), scale=K ** -0.5, has_docs=False,
-               num_warps=tiling.get("num_warps", 4), sweep_warps=tiling.get("sweep_warps") or 4,
-               num_stages=tiling.get("num_stages", 1))
+    bv = tiling.get("block_v") or (64 if K <= 128 else 32)
+    t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=min(bv, V), BK=min(tiling.get("block_k", 64), K),
+               scale=K ** -0.5, has_docs=False, BVI=min(tiling.get("inner_block_v", 64), V),
+               num_warps=tiling.get("num_warps", 4), num_stages=tiling.get("num_stages", 1),
+               sweep_warps=tiling.get("sweep_warps", 4),
+               sweep_stages=tiling.get("sweep_stages", 2 if K * bv <= 256 * 32 else 1))
     ch = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q, k, v, g, beta, do = map(ch, (q, k, v, g, beta, dO.astype(jnp.bfloat16)))
     S0 = jnp.zeros((B, H, K, V), jnp.float32)
@@ -205,7 +207,7 @@ def breakdown(shape, tiling, iters):
     ds_out, dvn, _ = rev(q, k, w_, g, do, dvl)
     pair = jax.jit(lambda q, k, v, g, beta, T, do, vn, dvn: backward.pair_grads(
         q, k, v, g, beta, (), T, do, vn, dvn, t, mmd))
-    _, d_qk, Y, _, _ = pair(q, k, v, g, beta, T_, do, vn, dvn)
+    tdvn, d_qk, Y, _, _ = pair(q, k, v, g, beta, T_, do, vn, dvn)
     keys = jax.jit(lambda q, k, g, beta, *a: backward.key_grads(q, k, g, beta, (), *a, t, mmd))
     out = {"prepare": time_jax(prep, (k, v, g, beta), iters),
            "prepare from T": time_jax(prep_T, (k, v, g, beta, T_), iters),
@@ -215,16 +217,18 @@ def breakdown(shape, tiling, iters):
            "local dvnew": time_jax(loc, (q, k, g, do), iters),
            "reverse sweep": time_jax(rev, (q, k, w_, g, do, dvl), iters),
            "pair grads": time_jax(pair, (q, k, v, g, beta, T_, do, vn, dvn), iters),
-           "key grads": time_jax(keys, (q, k, g, beta, T_, d_qk, Y, s_in, ds_out, do, vn, dvn), iters)}
+           "key grads": time_jax(keys, (q, k, g, beta, d_qk, Y, s_in, ds_out, do, vn, tdvn), iters)}
     return {k: round(v, 3) for k, v in out.items()}
 
 
-VARIANT_KEYS = {"bv": "block_v", "k": "block_k", "w": "num_warps", "s": "num_stages", "x": "sweep_warps"}
+VARIANT_KEYS = {"bv": "block_v", "bi": "inner_block_v", "k": "block_k", "w": "num_warps", "s": "num_stages",
+                "x": "sweep_warps", "y": "sweep_stages"}
 
 
 def parse_variants(text):
-    """'default' or e.g. bv64k128w4s2x8o1: block_v 64, block_k 128, 4 warps, 2 stages, 8 warps in the
-    sequential sweeps, split output on (o0: fused). Parameters left out take the op's defaults."""
+    """'default' or e.g. bv32bi64k64w4s1x4y2o0: the sweeps' block_v 32, 4 warps (x) and 2 stages (y);
+    the chunk-parallel kernels' inner value tile 64 (bi), key tile 64 (k), 4 warps (w) and 1 stage (s);
+    o1 splits the output out of the forward sweep (o0: fused). Left out: the op's defaults."""
     out = []
     for item in text.split(","):
         nums = dict(re.findall(r"([a-z]+)(\d+)", item))
@@ -241,7 +245,7 @@ def parse_variants(text):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="all", help=f"comma list of {list(SHAPES)} or 'all'")
-    p.add_argument("--variants", default="default", help="pallas tilings: [bv<block_v>][k<block_k>][w<warps>][s<stages>][x<sweep warps>][o<0|1 split output>]")
+    p.add_argument("--variants", default="default", help="pallas tilings, e.g. bv32bi64k64w4s1x4y2o0 (see parse_variants)")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--no-chunk", action="store_true", help="skip timing the plain-XLA chunk path")

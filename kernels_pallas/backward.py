@@ -34,7 +34,7 @@ def local_dvnew(q, k, g, docs, do, tiling: Tiling, mm_dtype):
     (scale * Q K^T * Gamma)^T dO  [B,N,C,HV,V] in mm_dtype. Taking it out of `reverse_sweep` forms
     Q K^T once per chunk instead of once per value tile, and shortens the sequential loop."""
     t = tiling
-    V, BV = t.V, t.BV
+    V, BV = t.V, t.BVI
 
     def kernel(*refs):
         q_ref, k_ref, g_ref = refs[:3]
@@ -51,7 +51,7 @@ def local_dvnew(q, k, g, docs, do, tiling: Tiling, mm_dtype):
         in_specs=[t.qk_spec(), t.qk_spec(), t.gate_spec(), *[t.doc_spec()] * len(docs), t.head_spec(V)],
         out_specs=t.head_spec(V),
         out_shape=jax.ShapeDtypeStruct((t.B, t.N, t.C, t.HV, V), mm_dtype),
-        num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_local_dvnew",
+        **t.chunk_launch, name="gdn_local_dvnew",
     )(q, k, g, *docs, do)
 
 
@@ -91,14 +91,14 @@ def reverse_sweep(q, k, w, g, docs, do, dvn_local, dS_final, tiling: Tiling, mm_
         out_shape=[jax.ShapeDtypeStruct((t.B, t.HV, t.N, K, V), mm_dtype),
                    jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype),
                    jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)],
-        num_warps=t.sweep_warps, num_stages=t.num_stages, name="gdn_reverse_sweep",
+        **t.sweep_launch, name="gdn_reverse_sweep",
     )(q, k, w, g, *docs, do, dvn_local, dS_final)
 
 
-def load_chunk(q_ref, k_ref, beta_ref, T_ref, g_ref, doc_refs, scale):
-    """What both gradient kernels read of one chunk: scaled q, k (float32), beta, T and the decays."""
+def load_chunk(q_ref, k_ref, beta_ref, g_ref, doc_refs, scale):
+    """What both gradient kernels read of one chunk: scaled q, k (float32), beta and the decays."""
     f32 = jnp.float32
-    return (q_ref[...].astype(f32) * scale, k_ref[...].astype(f32), beta_ref[...], T_ref[...],
+    return (q_ref[...].astype(f32) * scale, k_ref[...].astype(f32), beta_ref[...],
             chunk_decays(g_ref[...], *load_docs(doc_refs)))
 
 
@@ -106,18 +106,19 @@ def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dt
     """The [C, C]-level half of the chunk gradients, grid (N, B*HV), value tiles in an inner loop.
 
     With R = (I + A) Vnew (so that Vnew = T R): dT = dVnew R^T = (dVnew Vnew^T)(I + A)^T and
-    dA = -T^T dT T^T on the strict lower triangle. Writes dv = beta T^T dVnew, the masked gradients of
+    dA = -T^T dT T^T on the strict lower triangle. Writes T^T dVnew (= d(beta V), in mm_dtype; dv is it times beta), the masked gradients of
     Q K^T (d_qk) and of K K^T through A (Y), and this half's terms of dG and dbeta.
     """
     t = tiling
-    C, K, V, BV = t.C, t.K, t.V, t.BV
+    C, V, BV = t.C, t.V, t.BVI
 
     def kernel(*refs):
         q_ref, k_ref, v_ref, g_ref, beta_ref = refs[:5]
         doc_refs = refs[5:5 + len(docs)]
-        T_ref, do_ref, vn_ref, dvn_ref, dv_ref, dqk_ref, y_ref, dG_ref, dbeta_ref = refs[5 + len(docs):]
+        T_ref, do_ref, vn_ref, dvn_ref, tdvn_ref, dqk_ref, y_ref, dG_ref, dbeta_ref = refs[5 + len(docs):]
         f32 = jnp.float32
-        q_c, k_c, beta_c, T, dec = load_chunk(q_ref, k_ref, beta_ref, T_ref, g_ref, doc_refs, t.scale)
+        q_c, k_c, beta_c, dec = load_chunk(q_ref, k_ref, beta_ref, g_ref, doc_refs, t.scale)
+        T = T_ref[...]
         do_vn = jnp.zeros((C, C), f32)    # dO Vnew^T
         dvn_vn = jnp.zeros((C, C), f32)   # dVnew Vnew^T
         dbeta = jnp.zeros((C,), f32)
@@ -127,7 +128,7 @@ def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dt
             do_vn += mm(do_c, vn, tb=True, dtype=mm_dtype)
             dvn_vn += mm(dvn, vn, tb=True, dtype=mm_dtype)
             t_dvn = mm(T, dvn, ta=True, dtype=mm_dtype)              # T^T dVnew = d(beta V)
-            dv_ref[:, vs] = t_dvn * beta_c[:, None]
+            tdvn_ref[:, vs] = t_dvn.astype(tdvn_ref.dtype)
             dbeta += jnp.sum(t_dvn * v_ref[:, vs].astype(f32), axis=1)
 
         kk = mm(k_c, k_c, tb=True, dtype=mm_dtype)
@@ -153,25 +154,26 @@ def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dt
                   *[t.doc_spec()] * len(docs), t.head_spec(C),
                   t.head_spec(V), t.head_spec(V), t.head_spec(V)],
         out_specs=[t.head_spec(V), t.head_spec(C), t.head_spec(C), t.gate_spec(), t.gate_spec()],
-        out_shape=[jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), f32), pair, pair, gate, gate],
-        num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_pair_grads",
+        out_shape=[jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype), pair, pair, gate, gate],
+        **t.chunk_launch, name="gdn_pair_grads",
     )(q, k, v, g, beta, *docs, T, do, vnew, dvnew)
 
 
-def key_grads(q, k, g, beta, docs, T, d_qk, Y, states_in, dstates_out, do, vnew, dvnew,
+def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_dvnew,
               tiling: Tiling, mm_dtype):
-    """The [C, K]-level half, grid (N, B*HV, K/BK): dq and dk per value head for one key tile, and this
-    tile's partial sums of the dG and dbeta terms that contract over K (summed outside)."""
+    """The [C, K]-level half, grid (K/BK, N, B*HV): dq and dk per value head for one key tile, and this
+    tile's partial sums of the dG and dbeta terms that contract over K (summed outside).
+    t_dvnew = T^T dVnew comes from `pair_grads`."""
     t = tiling
-    C, V, BV, BK = t.C, t.V, t.BV, t.BK
+    C, V, BV, BK = t.C, t.V, t.BVI, t.BK
 
     def kernel(*refs):
         q_ref, k_ref, g_ref, beta_ref = refs[:4]
         doc_refs = refs[4:4 + len(docs)]
-        (T_ref, dqk_ref, y_ref, s_ref, dso_ref, do_ref, vn_ref, dvn_ref,
+        (dqk_ref, y_ref, s_ref, dso_ref, do_ref, vn_ref, tdvn_ref,
          dq_ref, dk_ref, dG_ref, dbeta_ref) = refs[4 + len(docs):]
         f32 = jnp.float32
-        q_c, k_c, beta_c, T, dec = load_chunk(q_ref, k_ref, beta_ref, T_ref, g_ref, doc_refs, t.scale)
+        q_c, k_c, beta_c, dec = load_chunk(q_ref, k_ref, beta_ref, g_ref, doc_refs, t.scale)
         dq_raw = jnp.zeros((C, BK), f32)   # dO S^T
         dk_out = jnp.zeros((C, BK), f32)   # Vnew dS^T: gradient of (d_out * K)
         dkbg = jnp.zeros((C, BK), f32)     # -(T^T dVnew) S^T: gradient of (beta * d_in * K)
@@ -181,8 +183,7 @@ def key_grads(q, k, g, beta, docs, T, d_qk, Y, states_in, dstates_out, do, vnew,
             S, dS = s_ref[:, vs], dso_ref[:, vs]  # stored in mm_dtype: operands, not converted
             dq_raw += mm(do_ref[:, vs], S, tb=True, dtype=mm_dtype)
             dk_out += mm(vn_ref[:, vs], dS, tb=True, dtype=mm_dtype)
-            t_dvn = mm(T, dvn_ref[:, vs], ta=True, dtype=mm_dtype)
-            dkbg -= mm(t_dvn, S, tb=True, dtype=mm_dtype)
+            dkbg -= mm(tdvn_ref[:, vs], S, tb=True, dtype=mm_dtype)
             s_ds += jnp.sum(S.astype(f32) * dS.astype(f32))
 
         d_qk, Y = dqk_ref[...], y_ref[...]
@@ -199,14 +200,15 @@ def key_grads(q, k, g, beta, docs, T, d_qk, Y, states_in, dstates_out, do, vnew,
     f32 = jnp.float32
     per_key = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, t.K), f32)
     partial = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, t.K // BK), f32)
+    kt = t.key_tiled
     return backend.call(
         kernel, grid=t.key_tiled_grid,
-        in_specs=[t.qk_spec(key_tiled=True), t.qk_spec(key_tiled=True), t.gate_spec(), t.gate_spec(),
-                  *[t.doc_spec()] * len(docs), t.head_spec(C), t.head_spec(C), t.head_spec(C),
-                  t.state_spec(key_tiled=True), t.state_spec(key_tiled=True),
-                  t.head_spec(V), t.head_spec(V), t.head_spec(V)],
-        out_specs=[t.head_spec(BK, key_tiled=True), t.head_spec(BK, key_tiled=True),
-                   t.partial_spec(), t.partial_spec()],
+        in_specs=[kt(t.qk_spec(key_tiled=True)), kt(t.qk_spec(key_tiled=True)), kt(t.gate_spec()),
+                  kt(t.gate_spec()), *[kt(t.doc_spec())] * len(docs), kt(t.head_spec(C)), kt(t.head_spec(C)),
+                  kt(t.state_spec(key_tiled=True)), kt(t.state_spec(key_tiled=True)),
+                  kt(t.head_spec(V)), kt(t.head_spec(V)), kt(t.head_spec(V))],
+        out_specs=[kt(t.head_spec(BK, key_tiled=True)), kt(t.head_spec(BK, key_tiled=True)),
+                   kt(t.partial_spec()), kt(t.partial_spec())],
         out_shape=[per_key, per_key, partial, partial],
-        num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_key_grads",
-    )(q, k, g, beta, *docs, T, d_qk, Y, states_in, dstates_out, do, vnew, dvnew)
+        **t.chunk_launch, name="gdn_key_grads",
+    )(q, k, g, beta, *docs, d_qk, Y, states_in, dstates_out, do, vnew, t_dvnew)

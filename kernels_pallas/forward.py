@@ -59,8 +59,8 @@ def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None):
             T_ref[...] = T
         T_beta = T * beta_c[None, :]  # T diag(beta)
         w_ref[...] = mm(T_beta * dec.d_in[None, :], k_c, dtype=mm_dtype).astype(w_ref.dtype)
-        for j in range(V // t.BV):  # value tiles bound the live registers for wide V
-            vs = pl.ds(j * t.BV, t.BV)
+        for j in range(V // t.BVI):  # value tiles bound the live registers for wide V
+            vs = pl.ds(j * t.BVI, t.BVI)
             u_ref[:, vs] = mm(T_beta, v_ref[:, vs], dtype=mm_dtype).astype(u_ref.dtype)
 
     n_out = 2 if given_T else 3
@@ -73,7 +73,7 @@ def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None):
         in_specs=[t.qk_spec(), t.head_spec(V), t.gate_spec(), t.gate_spec(),
                   *[t.doc_spec()] * len(docs), *[t.head_spec(C)] * given_T],
         out_specs=out_specs, out_shape=out_shape,
-        num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_prepare",
+        **t.chunk_launch, name="gdn_prepare",
     )(k, v, g, beta, *docs, *([T] if given_T else []))
     return (*outs, T) if given_T else tuple(outs)
 
@@ -127,7 +127,7 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, out_d
     outs = backend.call(
         kernel, grid=t.sequential_grid,
         in_specs=[whole] * (6 + len(docs)), out_specs=[whole] * len(out_shape), out_shape=out_shape,
-        num_warps=t.sweep_warps if residuals else t.num_warps, num_stages=t.num_stages,
+        **t.sweep_launch,
         name="gdn_sweep_residuals" if residuals else "gdn_sweep",
     )(q, k, w, u, g, *docs, initial_state)
     if residuals:
@@ -142,7 +142,7 @@ def output(q, k, g, docs, states_in, vnew, tiling: Tiling, mm_dtype, *, out_dtyp
     and Vnew written by a states-only `sweep`: the forward's alternative to forming O inside the
     sweep, for wide K where the fused sweep runs out of registers."""
     t = tiling
-    C, V, BV = t.C, t.V, t.BV
+    C, V, BV = t.C, t.V, t.BVI
 
     def kernel(*refs):
         q_ref, k_ref, g_ref = refs[:3]
@@ -163,5 +163,5 @@ def output(q, k, g, docs, states_in, vnew, tiling: Tiling, mm_dtype, *, out_dtyp
                   t.state_spec(), t.head_spec(V)],
         out_specs=t.head_spec(V),
         out_shape=jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), out_dtype),
-        num_warps=t.num_warps, num_stages=t.num_stages, name="gdn_output",
+        **t.chunk_launch, name="gdn_output",
     )(q, k, g, *docs, states_in, vnew)

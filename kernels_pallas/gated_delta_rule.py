@@ -75,9 +75,10 @@ def _chunked_bwd(t, res, cotangents):
     dvn_local = backward.local_dvnew(q, k, g, docs, do, t, mm_dtype)
     dstates_out, dvnew, d_initial = backward.reverse_sweep(q, k, w, g, docs, do, dvn_local, dS_final, t,
                                                            mm_dtype)
-    dv, d_qk, Y, dG, dbeta = backward.pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, t, mm_dtype)
-    dq, dk, dG_keys, dbeta_keys = backward.key_grads(q, k, g, beta, docs, T, d_qk, Y, states_in,
-                                                     dstates_out, do, vnew, dvnew, t, mm_dtype)
+    t_dvn, d_qk, Y, dG, dbeta = backward.pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, t, mm_dtype)
+    dq, dk, dG_keys, dbeta_keys = backward.key_grads(q, k, g, beta, docs, d_qk, Y, states_in,
+                                                     dstates_out, do, vnew, t_dvn, t, mm_dtype)
+    dv = t_dvn.astype(jnp.float32) * beta[..., None]  # d(beta V) = T^T dVnew
     dG = dG + dG_keys.sum(-1)
     dg = jnp.flip(jnp.cumsum(jnp.flip(dG, 2), 2), 2)  # g -> G is a cumsum within each chunk
     dbeta = dbeta + dbeta_keys.sum(-1)
@@ -91,34 +92,36 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size,
-                            block_v=None, block_k=64, num_warps=4, sweep_warps=None, num_stages=1,
-                            split_output=None):
+                            block_v=None, inner_block_v=64, block_k=64, num_warps=4, num_stages=1,
+                            sweep_warps=4, sweep_stages=None, split_output=False):
     """Same contract as `gdn_jax.chunked.chunk_gated_delta_rule` (T a multiple of chunk_size).
 
     Head dims are zero-padded to powers of two (Triton's block shapes), which changes nothing: zero
     key/query columns add nothing to any product and zero value columns give zero outputs.
-    block_v (value tile; default 64, or 32 when that leaves fewer than 64 sequential programs),
-    sweep_warps (warps of the states-only sequential kernels), split_output (the forward writes the
-    per-chunk states and forms O in a chunk-parallel kernel instead of inside its sweep), block_k (key tile of the key-tiled gradient kernel) and the warp counts are
-    launch parameters only: every choice computes the same function.
+    The rest are launch parameters only; every choice computes the same function:
+      block_v, sweep_warps, sweep_stages: the sequential sweeps' value tile, warps and software-
+        pipelining depth (default block_v: 64 at K <= 128, 32 above, and 32 whenever 64 would leave
+        fewer than 64 programs; default sweep_stages: 2, or 1 where 2 would not fit shared memory);
+      inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop,
+        key tile (of the key-tiled gradient kernel), warps and stages;
+      split_output: the forward sweep writes the per-chunk states and a chunk-parallel kernel forms O,
+        instead of forming O inside the sweep.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     C = chunk_size
     N = T // C
     Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
-    # Defaults measured on an H100 (docs/benchmarks.md): enough sequential programs to occupy the GPU,
-    # and 8 warps for the backward's sweeps once a [K, block_v] float32 state tile outgrows 4 warps'
-    # registers (K = 256).
+    # Defaults measured on an H100 (docs/benchmarks.md, "Where the time goes").
     if block_v is None:
-        block_v = 64 if B * HV * Vp // 64 >= 64 else 32
-    if sweep_warps is None:
-        sweep_warps = 8 if Kp >= 256 else 4
-    if split_output is None:  # at K = 256 the fused forward sweep spills (docs/benchmarks.md)
-        split_output = Kp >= 256
-    tiling = Tiling(B=B, N=N, C=C, H=H, HV=HV, K=Kp, V=Vp, BV=min(block_v, Vp), BK=min(block_k, Kp), scale=float(scale),
-                    has_docs=reset is not None, num_warps=num_warps, sweep_warps=sweep_warps,
-                    num_stages=num_stages, split_output=split_output)
+        block_v = 64 if Kp <= 128 and B * HV * Vp // 64 >= 64 else 32
+    block_v = min(block_v, Vp)
+    if sweep_stages is None:  # two [K, BV] stages of the sweep's loads must fit in shared memory
+        sweep_stages = 2 if Kp * block_v <= 256 * 32 else 1
+    tiling = Tiling(B=B, N=N, C=C, H=H, HV=HV, K=Kp, V=Vp, BV=block_v, BK=min(block_k, Kp),
+                    scale=float(scale), has_docs=reset is not None, BVI=min(inner_block_v, Vp),
+                    num_warps=num_warps, num_stages=num_stages, sweep_warps=sweep_warps,
+                    sweep_stages=sweep_stages, split_output=split_output)
     chunked = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q_, k_ = (chunked(_pad_last(x, Kp)) for x in (q, k))
     v_ = chunked(_pad_last(v, Vp))

@@ -17,7 +17,12 @@ from jax.experimental import pallas as pl
 
 
 class Tiling(NamedTuple):
-    """Static shape and launch parameters of one call (hashable, so usable as a static argument)."""
+    """Static shape and launch parameters of one call (hashable, so usable as a static argument).
+
+    Two families of kernels are tuned apart: the sequential sweeps (one program per [K, BV] state
+    tile, walking all chunks) and the chunk-parallel kernels (one program per chunk, or per chunk and
+    key tile, looping over value tiles of width BVI inside).
+    """
     B: int
     N: int
     C: int
@@ -25,14 +30,24 @@ class Tiling(NamedTuple):
     HV: int
     K: int                      # padded to a power of two >= 16
     V: int                      # padded to a power of two >= 16
-    BV: int                     # value-tile width (sequential kernels' programs; inner loops elsewhere)
+    BV: int                     # value-tile width of the sequential sweeps' programs
     BK: int                     # key-tile width of the key-tiled gradient kernel
     scale: float
     has_docs: bool
-    num_warps: int = 4          # chunk-parallel kernels and the forward's sweep (it also forms O)
-    sweep_warps: int = 4        # the backward's sequential kernels (states only)
+    BVI: int = 64               # value-tile width of the chunk-parallel kernels' inner loops
+    num_warps: int = 4          # chunk-parallel kernels
     num_stages: int = 1
+    sweep_warps: int = 4        # sequential sweeps
+    sweep_stages: int = 1       # software-pipelining depth of the sweeps' loop over chunks
     split_output: bool = False  # forward: states-only sweep + chunk-parallel output kernel
+
+    @property
+    def sweep_launch(self) -> dict:
+        return dict(num_warps=self.sweep_warps, num_stages=self.sweep_stages)
+
+    @property
+    def chunk_launch(self) -> dict:
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
 
     @property
     def group(self) -> int:
@@ -48,7 +63,14 @@ class Tiling(NamedTuple):
 
     @property
     def key_tiled_grid(self) -> tuple[int, int, int]:
-        return (self.N, self.B * self.HV, self.K // self.BK)
+        # The key tile is the fastest grid axis, so the K/BK programs of one chunk run together and
+        # share their [C, V] reads through L2 instead of each fetching them from memory.
+        return (self.K // self.BK, self.N, self.B * self.HV)
+
+    @staticmethod
+    def key_tiled(spec):
+        """A (n, bh, kt)-indexed BlockSpec of a chunk-parallel kernel, for the key-tiled grid."""
+        return pl.BlockSpec(spec.block_shape, lambda kt, n, bh: spec.index_map(n, bh, kt))
 
     @property
     def sequential_grid(self) -> tuple[int, int]:

@@ -113,6 +113,7 @@ def test_gradients_with_several_key_and_value_tiles():
 
     args = [jnp.asarray(x[n]) for n in (*OP_ARGS, "initial_state")]
     grads_ref = jax.grad(loss(scan_fn), tuple(range(6)))(*args)
-    grads = jax.grad(loss(pallas_gated_delta_rule, block_v=16, block_k=16), tuple(range(6)))(*args)
+    grads = jax.grad(loss(pallas_gated_delta_rule, block_v=16, inner_block_v=16, block_k=16),
+                     tuple(range(6)))(*args)
     for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
         assert rel_err(gp, gr) < 1e-4, (name, rel_err(gp, gr))
