@@ -184,9 +184,9 @@ def breakdown(shape, tiling, iters):
     B, T, H, K, V = shape
     C = 64
     N = T // C
-    bv = tiling.get("block_v") or (64 if K <= 128 else 32)
+    bv = tiling.get("block_v", 32)
     t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=min(bv, V), BK=min(tiling.get("block_k", 64), K),
-               scale=K ** -0.5, has_docs=False, BVI=min(tiling.get("inner_block_v", 64), V),
+               scale=K ** -0.5, has_docs=False, BVI=min(tiling.get("inner_block_v", 128 if K <= 128 else 64), V),
                num_warps=tiling.get("num_warps", 4), num_stages=tiling.get("num_stages", 1),
                sweep_warps=tiling.get("sweep_warps", 4),
                sweep_stages=tiling.get("sweep_stages", 2 if K * bv <= 256 * 32 else 1))

@@ -40,6 +40,8 @@ def main():
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--fsdp", action="store_true", help="shard params over all devices (else DP)")
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides, as in train.py")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, trace 3 more steps into DIR and print GPU time per op group")
     p.add_argument("--distributed", choices=("off", "auto", "manual"), default=None)
     p.add_argument("--coordinator_address", default=None)
     p.add_argument("--num_processes", type=int, default=None)
@@ -132,6 +134,16 @@ def main():
         else:
             print(f"{'peak memory':<24}{'n/a':>10}")
         print(f"{'last loss':<24}{loss:10.4f}")
+    if args.profile:
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
+        from profile_summary import summarize
+
+        with jax.profiler.trace(args.profile):
+            for _ in range(3):
+                state, m = trainer.step_fn(state, rest, batch)
+            jax.block_until_ready(m["loss"])
+        if jax.process_index() == 0:
+            print(summarize(args.profile, steps=3))
 
 
 if __name__ == "__main__":

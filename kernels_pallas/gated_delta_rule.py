@@ -92,7 +92,7 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size,
-                            block_v=None, inner_block_v=64, block_k=64, num_warps=4, num_stages=1,
+                            block_v=32, inner_block_v=None, block_k=64, num_warps=4, num_stages=1,
                             sweep_warps=4, sweep_stages=None, split_output=False):
     """Same contract as `gdn_jax.chunked.chunk_gated_delta_rule` (T a multiple of chunk_size).
 
@@ -100,10 +100,10 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
     key/query columns add nothing to any product and zero value columns give zero outputs.
     The rest are launch parameters only; every choice computes the same function:
       block_v, sweep_warps, sweep_stages: the sequential sweeps' value tile, warps and software-
-        pipelining depth (default block_v: 64 at K <= 128, 32 above, and 32 whenever 64 would leave
-        fewer than 64 programs; default sweep_stages: 2, or 1 where 2 would not fit shared memory);
-      inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop,
-        key tile (of the key-tiled gradient kernel), warps and stages;
+        pipelining depth (default sweep_stages: 2, or 1 where 2 would not fit shared memory);
+      inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop
+        (default 128 at K <= 128, 64 above), key tile (of the key-tiled gradient kernel), warps and
+        stages;
       split_output: the forward sweep writes the per-chunk states and a chunk-parallel kernel forms O,
         instead of forming O inside the sweep.
     """
@@ -113,9 +113,9 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
     N = T // C
     Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
     # Defaults measured on an H100 (docs/benchmarks.md, "Where the time goes").
-    if block_v is None:
-        block_v = 64 if Kp <= 128 and B * HV * Vp // 64 >= 64 else 32
     block_v = min(block_v, Vp)
+    if inner_block_v is None:
+        inner_block_v = 128 if Kp <= 128 else 64
     if sweep_stages is None:  # two [K, BV] stages of the sweep's loads must fit in shared memory
         sweep_stages = 2 if Kp * block_v <= 256 * 32 else 1
     tiling = Tiling(B=B, N=N, C=C, H=H, HV=HV, K=Kp, V=Vp, BV=block_v, BK=min(block_k, Kp),
