@@ -102,8 +102,9 @@ def main():
         metrics = os.path.join(workdir, "metrics.jsonl")
         if os.path.exists(metrics):
             with open(metrics) as f:
-                last = [json.loads(line) for line in f if line.strip()][-1]
-            row.update(last_step=last.get("step"), last_loss=last.get("loss"))
+                records = [json.loads(line) for line in f if line.strip()]
+            if records:
+                row.update(last_step=records[-1].get("step"), last_loss=records[-1].get("loss"))
         results = os.path.join(workdir, "eval", "results.json")
         if rc_e == 0 and os.path.exists(results):
             with open(results) as f:
