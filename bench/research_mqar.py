@@ -30,14 +30,14 @@ MODELS = {"gdn": "tiny", "mamba2": "tiny_mamba2", "deltanet": "tiny_deltanet"}
 
 FULL = dict(
     model=[
-        "model.d_model=256", "model.num_layers=4", "model.mlp_hidden=512", "model.vocab_size=8192",
+        "model.d_model=256", "model.num_layers=4", "model.mlp_hidden=512", "model.vocab_size=512",
         "model.dtype=bfloat16", "model.gdn_num_heads=4", "model.gdn_head_dim=64", "model.gdn_expand_v=2.0",
         "model.gdn_chunk_size=64", "model.mamba_expand=2", "model.mamba_head_dim=64",
         "model.mamba_d_state=64", "model.mamba_chunk_size=64",
     ],
     extra={"mamba2": ["model.mlp_hidden=640"]},  # +3*256*128 MLP params ~ its smaller mixer
-    seq_len=512, kv_pairs=64, vocab=8192, batch=64, steps=2000, lr=2e-3, warmup=100,
-    eval_kv="16,32,64,128", eval_examples=512,
+    seq_len=256, kv_pairs=32, vocab=512, batch=64, steps=4000, lr=3e-3, warmup=100,
+    eval_kv="8,16,32,64", eval_examples=512,
 )
 SMOKE = dict(
     model=["model.vocab_size=64", "model.dtype=float32"], extra={},
@@ -50,7 +50,7 @@ def overrides(s: dict, extra: list[str]) -> list[str]:
     opts = json.dumps({"num_kv_pairs": s["kv_pairs"], "vocab_size": s["vocab"]}, separators=(",", ":"))
     return [
         *s["model"], *extra, "data.source=mqar", f"data.options={opts}", f"data.seq_len={s['seq_len']}",
-        f"train.global_batch={s['batch']}", f"train.lr={s['lr']:g}", f"train.final_lr={s['lr'] / 10:g}",
+        f"train.steps={s['steps']}", f"train.global_batch={s['batch']}", f"train.lr={s['lr']:g}", f"train.final_lr={s['lr'] / 10:g}",
         f"train.warmup_steps={s['warmup']}", "run.log_every=50", "run.checkpoint_every=100000",
     ]
 
@@ -79,7 +79,7 @@ def main():
     from gdn_jax.model import count_params
 
     s = dict(SMOKE if args.smoke else FULL)
-    if args.steps:
+    if args.steps:  # the run's length: also the length of its learning-rate schedule
         s["steps"] = args.steps
     os.makedirs(args.root, exist_ok=True)
     rows = []
