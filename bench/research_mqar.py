@@ -1,7 +1,8 @@
 """Research check: GDN vs Mamba2 vs DeltaNet on MQAR, same parameters and tokens, with train.py and eval.py.
 
     python bench/research_mqar.py --root runs/mqar            # GPU: the recorded comparison
-    python bench/research_mqar.py --root /tmp/mqar --smoke    # CPU: the same pipeline, tiny and short
+    python bench/research_mqar.py --root /tmp/mqar --size smoke   # CPU: the same pipeline, a few steps
+    python bench/research_mqar.py --root /tmp/mqar --size cpu --models gdn,gdn_slow_init,deltanet
 
 For each model it runs, as subprocesses and exactly as a user would,
     python train.py --config <preset> --workdir ROOT/<model> --steps S --set <overrides>
@@ -25,8 +26,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# model -> preset giving its layer pattern
-MODELS = {"gdn": "tiny", "mamba2": "tiny_mamba2", "deltanet": "tiny_deltanet"}
+# model -> preset giving its layer pattern. "gdn_slow_init" is GDN whose decay starts near 1
+# (A ~ U(0, 1), dt ~ logU(1e-4, 1e-3): at most ~0.1% of the state lost per token at init, against
+# up to 80% with the default init); the three others are the comparison the issue asks for.
+MODELS = {"gdn": "tiny", "mamba2": "tiny_mamba2", "deltanet": "tiny_deltanet", "gdn_slow_init": "tiny"}
+SLOW_INIT = ["model.gdn_A_init_max=1.0", "model.gdn_dt_init_min=1e-4", "model.gdn_dt_init_max=1e-3"]
 
 FULL = dict(
     model=[
@@ -35,12 +39,22 @@ FULL = dict(
         "model.gdn_chunk_size=64", "model.mamba_expand=2", "model.mamba_head_dim=64",
         "model.mamba_d_state=64", "model.mamba_chunk_size=64",
     ],
-    extra={"mamba2": ["model.mlp_hidden=640"]},  # +3*256*128 MLP params ~ its smaller mixer
+    extra={"mamba2": ["model.mlp_hidden=640"], "gdn_slow_init": SLOW_INIT},  # Mamba2: +3*256*128 MLP
+                                                                              # params ~ its smaller mixer
     seq_len=256, kv_pairs=32, vocab=512, batch=64, steps=4000, lr=3e-3, warmup=100,
     eval_kv="8,16,32,64", eval_examples=512,
 )
+CPU = dict(  # small enough for a laptop's CPU in a few minutes per model
+    model=["model.d_model=128", "model.num_layers=2", "model.mlp_hidden=256", "model.vocab_size=128",
+           "model.dtype=float32", "model.gdn_num_heads=2", "model.gdn_head_dim=32", "model.gdn_chunk_size=32",
+           "model.mamba_expand=2", "model.mamba_head_dim=32", "model.mamba_d_state=32",
+           "model.mamba_chunk_size=32"],
+    extra={"gdn_slow_init": SLOW_INIT},
+    seq_len=128, kv_pairs=8, vocab=128, batch=32, steps=1500, lr=3e-3, warmup=50,
+    eval_kv="4,8,16", eval_examples=256,
+)
 SMOKE = dict(
-    model=["model.vocab_size=64", "model.dtype=float32"], extra={},
+    model=["model.vocab_size=64", "model.dtype=float32"], extra={"gdn_slow_init": SLOW_INIT},
     seq_len=64, kv_pairs=4, vocab=64, batch=8, steps=20, lr=3e-3, warmup=5,
     eval_kv="2,4", eval_examples=16,
 )
@@ -69,8 +83,9 @@ def run(cmd: list[str], log_path: str, timeout: float) -> tuple[int, float]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="parent directory of the runs' workdirs")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (CPU check)")
+    p.add_argument("--models", default="gdn,mamba2,deltanet", help=f"comma list of {list(MODELS)}")
+    p.add_argument("--size", choices=("full", "cpu", "smoke"), default="full",
+                   help="full: the GPU comparison; cpu: small models for a CPU; smoke: a few steps")
     p.add_argument("--steps", type=int, default=None, help="override the step count")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per train or eval run")
     args = p.parse_args()
@@ -78,7 +93,7 @@ def main():
     from configs import experiment
     from gdn_jax.model import count_params
 
-    s = dict(SMOKE if args.smoke else FULL)
+    s = dict({"full": FULL, "cpu": CPU, "smoke": SMOKE}[args.size])
     if args.steps:  # the run's length: also the length of its learning-rate schedule
         s["steps"] = args.steps
     os.makedirs(args.root, exist_ok=True)

@@ -49,6 +49,10 @@ class ModelConfig:
     gdn_allow_neg_eigval: bool = False  # beta = 2 * sigmoid(.) in (0, 2) instead of sigmoid(.)
     gdn_impl: str = "auto"  # gated_delta_rule impl: "scan" | "chunk" | "pallas" | "auto"
     gdn_chunk_size: int = 64  # chunk length of the chunk / pallas paths, tokens (16, 32 or 64)
+    # Decay init, g = -A * dt per token at init: A ~ U(0, gdn_A_init_max), dt ~ logU(dt_min, dt_max).
+    gdn_A_init_max: float = 16.0
+    gdn_dt_init_min: float = 1e-3
+    gdn_dt_init_max: float = 0.1
     # Attention mixers ("S", "A").
     attn_num_heads: int = 4  # query heads
     attn_num_kv_heads: int | None = None  # key/value heads (GQA when fewer); None means attn_num_heads
@@ -86,6 +90,11 @@ class ModelConfig:
             raise ValueError("mamba_expand * d_model must be a multiple of mamba_head_dim")
         if (self.mamba_expand * self.d_model // self.mamba_head_dim) % self.mamba_n_groups:
             raise ValueError("the Mamba2 head count must be a multiple of mamba_n_groups")
+        if not 0.0 < self.gdn_dt_init_min <= self.gdn_dt_init_max:
+            raise ValueError(f"need 0 < gdn_dt_init_min <= gdn_dt_init_max, got {self.gdn_dt_init_min} "
+                             f"and {self.gdn_dt_init_max}")
+        if self.gdn_A_init_max <= 0.0:
+            raise ValueError(f"gdn_A_init_max must be > 0, got {self.gdn_A_init_max}")
         if float(self.gdn_head_dim * self.gdn_expand_v) != int(self.gdn_head_dim * self.gdn_expand_v):
             raise ValueError("gdn_head_dim * gdn_expand_v must be an integer")
 

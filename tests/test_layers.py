@@ -97,6 +97,26 @@ def test_deltanet_has_no_decay_params():
     assert not any(n.startswith(("A_log", "dt_bias", "a_proj")) for n in names)
 
 
+@pytest.mark.parametrize("a_max,dt_min,dt_max", [(16.0, 1e-3, 0.1), (1.0, 1e-4, 1e-3)])
+def test_gdn_decay_init_follows_config(a_max, dt_min, dt_max):
+    m = make("G", gdn_num_heads=64, gdn_head_dim=4, gdn_A_init_max=a_max, gdn_dt_init_min=dt_min,
+             gdn_dt_init_max=dt_max)
+    A = np.exp(np.asarray(m.A_log[...]))
+    dt = np.asarray(jax.nn.softplus(m.dt_bias[...]))
+    assert 0.0 <= A.min() and A.max() <= a_max and A.max() > 0.5 * a_max
+    np.testing.assert_array_less(dt_min * (1 - 1e-4), dt)
+    np.testing.assert_array_less(dt, dt_max * (1 + 1e-4))
+    # log-uniform: about half the heads below the geometric mean of the range
+    assert 0.3 < np.mean(dt < np.sqrt(dt_min * dt_max)) < 0.7
+
+
+def test_decay_init_range_is_validated():
+    with pytest.raises(ValueError, match="gdn_dt_init_min"):
+        f32_cfg(gdn_dt_init_min=0.2, gdn_dt_init_max=0.1)
+    with pytest.raises(ValueError, match="gdn_A_init_max"):
+        f32_cfg(gdn_A_init_max=0.0)
+
+
 def test_short_conv_matches_reference_and_step():
     conv = ShortConv(5, 4, std=0.5, use_bias=True, rngs=nnx.Rngs(3))
     conv.bias[...] = jnp.arange(5.0) / 10

@@ -31,12 +31,13 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def init_decay_params(key: jax.Array, num_heads: int, a_min: float = 0.0):
-    """(A_log, dt_bias) per head: A ~ U(a_min, 16), dt ~ logU(1e-3, 0.1) floored at 1e-4."""
+def init_decay_params(key: jax.Array, num_heads: int, a_min: float = 0.0, a_max: float = 16.0,
+                      dt_min: float = 1e-3, dt_max: float = 0.1):
+    """(A_log, dt_bias) per head: A ~ U(a_min, a_max), dt ~ logU(dt_min, dt_max) floored at 1e-4."""
     k_a, k_dt = jax.random.split(key)
-    A = jax.random.uniform(k_a, (num_heads,), jnp.float32, a_min, 16.0)
+    A = jax.random.uniform(k_a, (num_heads,), jnp.float32, a_min, a_max)
     u = jax.random.uniform(k_dt, (num_heads,), jnp.float32)
-    dt = jnp.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = jnp.maximum(dt, 1e-4)
     inv_softplus_dt = dt + jnp.log(-jnp.expm1(-dt))
     return jnp.log(A), inv_softplus_dt
@@ -60,7 +61,8 @@ class GatedDeltaNet(nnx.Module):
         self.b_proj = linear(d, HV, ("embed", None), std=std, dtype=dt, rngs=rngs)
         if decay:
             self.a_proj = linear(d, HV, ("embed", None), std=std, dtype=dt, rngs=rngs)
-            A_log, dt_bias = init_decay_params(rngs.params(), HV)
+            A_log, dt_bias = init_decay_params(rngs.params(), HV, a_max=cfg.gdn_A_init_max,
+                                               dt_min=cfg.gdn_dt_init_min, dt_max=cfg.gdn_dt_init_max)
             self.A_log = small_param(A_log)
             self.dt_bias = small_param(dt_bias)
         W = cfg.gdn_conv_size
