@@ -49,10 +49,10 @@ class ModelConfig:
     gdn_allow_neg_eigval: bool = False  # beta = 2 * sigmoid(.) in (0, 2) instead of sigmoid(.)
     gdn_impl: str = "auto"  # gated_delta_rule impl: "scan" | "chunk" | "pallas" | "auto"
     gdn_chunk_size: int = 64  # chunk length of the chunk / pallas paths, tokens (16, 32 or 64)
-    # Decay init, g = -A * dt per token at init: A ~ U(0, gdn_A_init_max), dt ~ logU(dt_min, dt_max).
-    gdn_A_init_max: float = 16.0
-    gdn_dt_init_min: float = 1e-3
-    gdn_dt_init_max: float = 0.1
+    # Decay init, g = -A * dt per token at init (FLA's recipe by default).
+    gdn_A_init_max: float = 16.0  # A ~ U(0, gdn_A_init_max) per value head
+    gdn_dt_init_min: float = 1e-3  # dt ~ logU(gdn_dt_init_min, gdn_dt_init_max), floored at 1e-4
+    gdn_dt_init_max: float = 0.1  # upper end of that range
     # Attention mixers ("S", "A").
     attn_num_heads: int = 4  # query heads
     attn_num_kv_heads: int | None = None  # key/value heads (GQA when fewer); None means attn_num_heads
