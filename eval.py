@@ -16,6 +16,8 @@ import os
 import sys
 import time
 
+from gdn_jax.xla_flags import single_threaded_eigen_on_cpu
+
 TASKS = ("ppl", "niah", "mqar", "extrapolation")
 
 
@@ -131,17 +133,9 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _single_threaded_eigen_on_cpu() -> None:
-    # XLA:CPU's multi-threaded Eigen path can deadlock on this model (docs/training.md); only the CPU
-    # backend reads the flag, and it only takes effect before the backend starts.
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_multi_thread_eigen" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    _single_threaded_eigen_on_cpu()
+    single_threaded_eigen_on_cpu()
     if not os.path.isdir(args.workdir):
         print(f"error: workdir {args.workdir!r} does not exist", file=sys.stderr)
         return 2

@@ -19,6 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from gdn_jax.xla_flags import single_threaded_eigen_on_cpu  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -68,18 +70,9 @@ def resolve_config(args):
     return cfg, workdir
 
 
-def cpu_workarounds() -> None:
-    """XLA:CPU's multi-threaded Eigen path deadlocks intermittently on this model's backward pass
-    (seen with jax 0.10.2 on 2 cores, chunked GDN); single-threaded Eigen is also faster for the
-    tiny CPU configs. Only the CPU backend reads this flag. Must run before the backend starts."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_multi_thread_eigen" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cpu_workarounds()
+    single_threaded_eigen_on_cpu()
     mode = args.distributed or ("manual" if args.coordinator_address else "off")
     # jax.distributed must start before anything touches a device.
     from gdn_jax.train import mesh as mesh_lib

@@ -179,17 +179,12 @@ def fla_runner():
 def breakdown(shape, tiling, iters):
     """Milliseconds of each kernel of one forward+backward at this shape (bf16; K, V powers of two)."""
     from kernels_pallas import backward, forward
-    from kernels_pallas.layout import Tiling
+    from kernels_pallas.gated_delta_rule import make_tiling
     (q, k, v, g, beta), dO = make_inputs(shape)
     B, T, H, K, V = shape
-    C = 64
-    N = T // C
-    bv = tiling.get("block_v", 32)
-    t = Tiling(B=B, N=N, C=C, H=H, HV=H, K=K, V=V, BV=min(bv, V), BK=min(tiling.get("block_k", 64), K),
-               scale=K ** -0.5, has_docs=False, BVI=min(tiling.get("inner_block_v", 128 if K <= 128 else 64), V),
-               num_warps=tiling.get("num_warps", 4), num_stages=tiling.get("num_stages", 1),
-               sweep_warps=tiling.get("sweep_warps", 4),
-               sweep_stages=tiling.get("sweep_stages", 2 if K * bv <= 256 * 32 else 1))
+    t = make_tiling(B=B, T=T, H=H, HV=H, K=K, V=V, chunk_size=64, scale=K ** -0.5, has_docs=False,
+                    **tiling)
+    N, C = t.N, t.C
     ch = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q, k, v, g, beta, do = map(ch, (q, k, v, g, beta, dO.astype(jnp.bfloat16)))
     S0 = jnp.zeros((B, H, K, V), jnp.float32)

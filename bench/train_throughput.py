@@ -48,9 +48,9 @@ def main():
     p.add_argument("--process_id", type=int, default=None)
     args = p.parse_args()
 
-    from train import cpu_workarounds
+    from gdn_jax.xla_flags import single_threaded_eigen_on_cpu
 
-    cpu_workarounds()
+    single_threaded_eigen_on_cpu()
     from gdn_jax.train import mesh as mesh_lib
 
     mode = args.distributed or ("manual" if args.coordinator_address else "off")

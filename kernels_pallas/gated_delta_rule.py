@@ -91,14 +91,31 @@ def _chunked_bwd(t, res, cotangents):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size,
-                            block_v=32, inner_block_v=None, block_k=64, num_warps=4, num_stages=1,
-                            sweep_warps=4, sweep_stages=None, split_output=False):
+def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, block_v=32, inner_block_v=None,
+                block_k=64, num_warps=4, num_stages=1, sweep_warps=4, sweep_stages=None,
+                split_output=False) -> Tiling:
+    """The launch spec for head dims K, V (padded here to powers of two), with the defaults below
+    filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
+    Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
+    # Defaults measured on an H100 (docs/benchmarks.md, "Where the time goes").
+    block_v = min(block_v, Vp)
+    if inner_block_v is None:
+        inner_block_v = 128 if Kp <= 128 else 64
+    if sweep_stages is None:  # two [K, BV] stages of the sweep's loads must fit in shared memory
+        sweep_stages = 2 if Kp * block_v <= 256 * 32 else 1
+    return Tiling(B=B, N=T // chunk_size, C=chunk_size, H=H, HV=HV, K=Kp, V=Vp, BV=block_v,
+                  BK=min(block_k, Kp), scale=float(scale), has_docs=has_docs, BVI=min(inner_block_v, Vp),
+                  num_warps=num_warps, num_stages=num_stages, sweep_warps=sweep_warps,
+                  sweep_stages=sweep_stages, split_output=split_output)
+
+
+def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size, **launch):
     """Same contract as `gdn_jax.chunked.chunk_gated_delta_rule` (T a multiple of chunk_size).
 
     Head dims are zero-padded to powers of two (Triton's block shapes), which changes nothing: zero
     key/query columns add nothing to any product and zero value columns give zero outputs.
-    The rest are launch parameters only; every choice computes the same function:
+    `launch` holds launch parameters only (see `make_tiling` for their defaults); every choice computes
+    the same function:
       block_v, sweep_warps, sweep_stages: the sequential sweeps' value tile, warps and software-
         pipelining depth (default sweep_stages: 2, or 1 where 2 would not fit shared memory);
       inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop
@@ -109,19 +126,9 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
-    C = chunk_size
-    N = T // C
-    Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
-    # Defaults measured on an H100 (docs/benchmarks.md, "Where the time goes").
-    block_v = min(block_v, Vp)
-    if inner_block_v is None:
-        inner_block_v = 128 if Kp <= 128 else 64
-    if sweep_stages is None:  # two [K, BV] stages of the sweep's loads must fit in shared memory
-        sweep_stages = 2 if Kp * block_v <= 256 * 32 else 1
-    tiling = Tiling(B=B, N=N, C=C, H=H, HV=HV, K=Kp, V=Vp, BV=block_v, BK=min(block_k, Kp),
-                    scale=float(scale), has_docs=reset is not None, BVI=min(inner_block_v, Vp),
-                    num_warps=num_warps, num_stages=num_stages, sweep_warps=sweep_warps,
-                    sweep_stages=sweep_stages, split_output=split_output)
+    tiling = make_tiling(B=B, T=T, H=H, HV=HV, K=K, V=V, chunk_size=chunk_size, scale=scale,
+                         has_docs=reset is not None, **launch)
+    N, C, Kp, Vp = tiling.N, tiling.C, tiling.K, tiling.V
     chunked = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q_, k_ = (chunked(_pad_last(x, Kp)) for x in (q, k))
     v_ = chunked(_pad_last(v, Vp))

@@ -12,7 +12,7 @@ from flax import nnx
 
 from configs.model import get_model_config
 from gdn_jax.data.tokenizers import ByteTokenizer
-from gdn_jax.evaluate import mqar, niah, perplexity, runner
+from gdn_jax.evaluate import mqar, niah, runner
 from gdn_jax.model import LM
 
 

@@ -239,16 +239,7 @@ def test_mixer_packed_documents_equal_separate_runs(kind):
         np.testing.assert_allclose(y[0, s:s + n], y[1 + i, :n], rtol=1e-4, atol=1e-5)
 
 
-def _pallas_available():
-    try:
-        from kernels_pallas import pallas_gated_delta_rule  # noqa: F401
-        return True
-    except Exception:
-        return False
-
-
-@pytest.mark.parametrize("impl", ["chunk", pytest.param("pallas", marks=pytest.mark.skipif(
-    not _pallas_available(), reason="kernels_pallas.pallas_gated_delta_rule not available yet"))])
+@pytest.mark.parametrize("impl", ["chunk", "pallas"])
 def test_gdn_layer_impls_agree_with_scan(impl):
     seg = jnp.array([[0] * 11 + [1] * 19, [2] * 30], jnp.int32)
     x = rand((2, 30, 64), 13)

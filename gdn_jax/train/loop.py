@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import time
 
 import jax
 from jax.experimental import multihost_utils
