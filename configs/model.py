@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from gdn_jax.impls import IMPLS as GDN_IMPLS
+
 MIXER_KINDS = {
     "G": "Gated DeltaNet",
     "D": "DeltaNet (gated delta rule with g = 0)",
@@ -24,7 +26,6 @@ MIXER_KINDS = {
     "A": "full causal attention",
 }
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-GDN_IMPLS = ("scan", "chunk", "pallas", "auto")
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class ModelConfig:
     gdn_num_v_heads: int | None = None  # value heads HV (GVA when > gdn_num_heads); None means H
     gdn_conv_size: int = 4  # short causal depthwise conv kernel, tokens
     gdn_allow_neg_eigval: bool = False  # beta = 2 * sigmoid(.) in (0, 2) instead of sigmoid(.)
-    gdn_impl: str = "auto"  # gated_delta_rule impl: "scan" | "chunk" | "pallas" | "auto"
+    gdn_impl: str = "auto"  # gated_delta_rule impl, one of gdn_jax.impls.IMPLS
     gdn_chunk_size: int = 64  # chunk length of the chunk / pallas paths, tokens (16, 32 or 64)
     # Decay init, g = -A * dt per token at init (FLA's recipe by default).
     gdn_A_init_max: float = 16.0  # A ~ U(0, gdn_A_init_max) per value head

@@ -7,11 +7,9 @@ reading query/key head j // (HV // H). `segment_ids` [B, T] restart the state fr
 changes; `initial_state` is the state before each row's first token. Outputs: o [B, T, HV, V] in v's
 dtype, and the final state (or None).
 
-Implementations (all compute the same function; see docs/design.md):
-  "scan"    `lax.scan` over tokens: the definition (gdn_jax/reference.py).
-  "chunk"   chunkwise WY/UT algorithm in plain JAX (gdn_jax/chunked.py).
-  "pallas"  Pallas GPU kernels with a custom VJP (kernels_pallas/); interpret mode without a GPU.
-  "auto"    "pallas" on a GPU, "chunk" elsewhere.
+Implementations (all compute the same function): the table in gdn_jax/impls.py, with "scan" the
+definition, "chunk" the plain-JAX chunkwise path, "pallas_triton" and "pallas_mosaic" the Pallas
+kernels, "pallas" the fastest of those on this device, "auto" "pallas" on a GPU and "chunk" elsewhere.
 """
 
 from __future__ import annotations
@@ -22,9 +20,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gdn_jax import chunked, reference
+from gdn_jax import impls, reference
+from gdn_jax.impls import IMPLS
 
-IMPLS = ("scan", "chunk", "pallas", "auto")
 CHUNK_SIZES = (16, 32, 64)
 _INPUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -94,11 +92,6 @@ def resets_from_segment_ids(segment_ids_BxT: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.zeros_like(changed[:, :1]), changed], axis=1)
 
 
-def default_impl() -> str:
-    """What impl="auto" means on this machine: "pallas" on a GPU, "chunk" elsewhere."""
-    return "pallas" if jax.default_backend() == "gpu" else "chunk"
-
-
 def _pad_time(x, pad: int):
     widths = [(0, 0)] * x.ndim
     widths[1] = (0, pad)
@@ -118,8 +111,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
       initial_state: [B, HV, K, V] float32, or None for zeros.
       output_final_state: also return the state after each row's last token.
       segment_ids: [B, T] int; the state restarts from zero where the id changes.
-      chunk_size: 16, 32 or 64 (chunk and pallas paths).
-      impl: "scan", "chunk", "pallas" or "auto".
+      chunk_size: 16, 32 or 64 (chunked paths; "pallas_mosaic" needs 64).
+      impl: one of IMPLS (gdn_jax/impls.py).
     Returns:
       (o [B, T, HV, V] in v's dtype, final_state [B, HV, K, V] float32 or None).
     Raises:
@@ -129,30 +122,20 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     scale = _resolve_scale(scale, K)
-    if impl == "auto":
-        impl = default_impl()
+    impl = impls.IMPLEMENTATIONS[impls.resolve(impl, dtype=q.dtype, K=K, V=V, chunk_size=chunk_size)]
     if initial_state is None:
         initial_state = jnp.zeros((B, HV, K, V), jnp.float32)
     reset = None if segment_ids is None else resets_from_segment_ids(segment_ids)
-
-    if impl == "scan":
-        o, S = reference.scan_gated_delta_rule(q, k, v, g, beta, scale=scale,
-                                               initial_state=initial_state, reset=reset)
-    else:
+    if impl.chunked:
         # Padding with g = 0 and beta = 0 leaves the state unchanged: S_t = 1 * (I - 0) S + 0.
         pad = -T % chunk_size
         if pad:
             q, k, v, g, beta = (_pad_time(x, pad) for x in (q, k, v, g, beta))
             if reset is not None:
                 reset = _pad_time(reset, pad)
-        if impl == "chunk":
-            fn = chunked.chunk_gated_delta_rule
-        else:
-            from kernels_pallas import pallas_gated_delta_rule as fn
-        o, S = fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, reset=reset,
-                  chunk_size=chunk_size)
-        o = o[:, :T]
-    return o.astype(v.dtype), (S if output_final_state else None)
+    o, S = impl.run(q, k, v, g, beta, scale=scale, initial_state=initial_state, reset=reset,
+                    chunk_size=chunk_size)
+    return o[:, :T].astype(v.dtype), (S if output_final_state else None)
 
 
 def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, *, scale=None):

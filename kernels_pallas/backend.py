@@ -1,7 +1,6 @@
-"""Everything specific to the Pallas backend the kernels are lowered through (today: Triton).
+"""What the Triton-lowered kernels (forward.py, backward.py) share: the matmul and the launch.
 
-The kernels call only what is here (`mm`, `call`) for backend-specific behaviour, so a Mosaic GPU
-(Hopper wgmma/TMA) lowering can replace this module without touching the kernels' callers.
+The Mosaic GPU sweeps (mosaic_sweeps.py) have their own; gated_delta_rule.SWEEPS picks between them.
 """
 
 from __future__ import annotations
@@ -34,10 +33,8 @@ def mm(a, b, *, ta: bool = False, tb: bool = False, dtype=None, precise: bool = 
 
 
 def call(kernel, *, out_shape, grid, in_specs, out_specs, num_warps: int, num_stages: int, name: str,
-         interpret: bool | None = None):
-    """pallas_call with the Triton compiler parameters; interpret mode when no GPU is present."""
-    if interpret is None:
-        interpret = not on_gpu()
+         interpret: bool):
+    """pallas_call with the Triton compiler parameters, or in Pallas's interpret mode."""
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
         compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),

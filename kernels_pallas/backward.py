@@ -5,7 +5,7 @@
                  dS (= dL/dS leaving the chunk), per value tile:
                  dVnew = (Q K^T * Gamma)^T dO + (d_out * K) dS
                  dS   <- d_chunk dS + (d_in * Q)^T dO - W^T dVnew
-                 writes dS per chunk, dVnew, and finally d(initial_state).
+                 writes dS per chunk [B,N,HV,K,V], dVnew, and finally d(initial_state).
   pair_grads     grid (N, B*HV): with the chunk's Vnew and dVnew, the [C, C]-level gradients. The WY
                  chain rule, with R = beta*V - (beta*d_in*K) S = (I + A) Vnew so that Vnew = T R:
                    dT = dVnew R^T,   dA = -T^T dT T^T (strict lower part),   dv = beta T^T dVnew.
@@ -55,16 +55,19 @@ def local_dvnew(q, k, g, docs, do, tiling: Tiling, mm_dtype):
     )(q, k, g, *docs, do)
 
 
-def reverse_sweep(q, k, w, g, docs, do, dvn_local, dS_final, tiling: Tiling, mm_dtype):
-    """Returns (dS leaving each chunk [B,HV,N,K,V], dVnew [B,N,C,HV,V], both in mm_dtype, and the
-    float32 gradient of the initial state). dvn_local comes from `local_dvnew`."""
+def reverse_sweep(q, k, w, g, docs, do, dvn_local, dS_final, tiling: Tiling, mm_dtype, *, mode="full"):
+    """mode "full": returns (dS leaving each chunk [B,N,HV,K,V], dVnew [B,N,C,HV,V], both in mm_dtype,
+    and the float32 gradient of the initial state); mode "final": that gradient only (context
+    parallelism's first pass). dvn_local comes from `local_dvnew`."""
     t = tiling
     C, K, V, BV = t.C, t.K, t.V, t.BV
+    full = mode == "full"
 
     def kernel(*refs):
         q_ref, k_ref, w_ref, g_ref = refs[:4]
         doc_refs = refs[4:4 + len(docs)]
-        do_ref, loc_ref, dsT_ref, ds_out_ref, dvn_ref, ds0_ref = refs[4 + len(docs):]
+        do_ref, loc_ref, dsT_ref = refs[4 + len(docs):7 + len(docs)]
+        ds_out_ref, dvn_ref, ds0_ref = refs[7 + len(docs):] if full else (None, None, refs[-1])
         b, hv, h = t.heads(pl.program_id(0))
         vs = pl.ds(pl.program_id(1) * BV, BV)
 
@@ -76,23 +79,26 @@ def reverse_sweep(q, k, w, g, docs, do, dvn_local, dS_final, tiling: Tiling, mm_
             do_c = do_ref[b, n, :, hv, vs].astype(jnp.float32)
             dvn = (loc_ref[b, n, :, hv, vs].astype(jnp.float32)
                    + dec.d_out[:, None] * mm(k_ref[b, n, :, h, :], dS, dtype=mm_dtype))
-            ds_out_ref[b, hv, n, :, vs] = dS.astype(ds_out_ref.dtype)
-            dvn_ref[b, n, :, hv, vs] = dvn.astype(dvn_ref.dtype)
+            if full:
+                ds_out_ref[b, n, hv, :, vs] = dS.astype(ds_out_ref.dtype)
+                dvn_ref[b, n, :, hv, vs] = dvn.astype(dvn_ref.dtype)
             return (dec.d_chunk * dS
                     + mm(q_ref[b, n, :, h, :], do_c * (dec.d_in * t.scale)[:, None], ta=True, dtype=mm_dtype)
                     - mm(w_ref[b, n, :, hv, :], dvn, ta=True, dtype=mm_dtype))
 
         ds0_ref[b, hv, :, vs] = jax.lax.fori_loop(0, t.N, chunk, dsT_ref[b, hv, :, vs])
 
+    out_shape = [jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)]
+    if full:
+        out_shape = [jax.ShapeDtypeStruct((t.B, t.N, t.HV, K, V), mm_dtype),
+                     jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype), *out_shape]
     whole = backend.WHOLE
-    return backend.call(
+    outs = backend.call(
         kernel, grid=t.sequential_grid,
-        in_specs=[whole] * (7 + len(docs)), out_specs=[whole] * 3,
-        out_shape=[jax.ShapeDtypeStruct((t.B, t.HV, t.N, K, V), mm_dtype),
-                   jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype),
-                   jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)],
-        **t.sweep_launch, name="gdn_reverse_sweep",
+        in_specs=[whole] * (7 + len(docs)), out_specs=[whole] * len(out_shape), out_shape=out_shape,
+        **t.sweep_launch, name=f"gdn_reverse_sweep_{mode}",
     )(q, k, w, g, *docs, do, dvn_local, dS_final)
+    return tuple(outs) if full else outs[0]
 
 
 def load_chunk(q_ref, k_ref, beta_ref, g_ref, doc_refs, scale):

@@ -6,7 +6,8 @@
   sweep     grid (B*HV, V / BV), each program walks the N chunks in order with its [K, BV] state tile:
             Vnew = U - W S,   O = (d_in * Q) S + (Q K^T * Gamma) Vnew,
             S <- d_chunk S + (d_out * K)^T Vnew
-            Optionally it also writes each chunk's entering state and Vnew (the backward's residuals).
+            Instead of O it can write each chunk's entering state and Vnew (the backward's residuals),
+            or only the final state.
 Value tiles are independent (every product above is column-wise in V), which is what lets the
 sequential sweep run B*HV*V/BV programs side by side.
 """
@@ -30,10 +31,12 @@ def load_docs(doc_refs, *index):
     return tuple(r[index] if index else r[...] for r in doc_refs)
 
 
-def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None):
-    """W [B,N,C,HV,K] and U [B,N,C,HV,V] in mm_dtype, plus T [B,N,C,HV,C] float32.
+def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None, t_only=False):
+    """W [B,N,C,HV,K] and U [B,N,C,HV,V] in mm_dtype, plus T [B,N,C,HV,C] in mm_dtype (every use of T
+    is a matmul operand in that dtype).
 
     Given T (the forward's, in the backward) the inverse is not formed again: W and U are two matmuls.
+    t_only: return T alone (the Mosaic sweeps form the W and U products themselves).
     """
     t = tiling
     C, K, V = t.C, t.K, t.V
@@ -45,29 +48,34 @@ def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None):
         rest = refs[4 + len(docs):]
         if given_T:
             T_in_ref, w_ref, u_ref = rest
+        elif t_only:
+            (T_ref,) = rest
         else:
             w_ref, u_ref, T_ref = rest
         k_c = k_ref[...]  # stays in its own dtype: scalings go on the [C, C] side, not on [C, K]
         beta_c = beta_ref[...]
         dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
         if given_T:
-            T = T_in_ref[...]
+            T = T_in_ref[...].astype(jnp.float32)
         else:
             kk = mm(k_c, k_c, tb=True, dtype=mm_dtype)
             A = jnp.where(dec.strict, beta_c[:, None] * kk * dec.gamma, 0.0)
             T = unit_lower_inverse(A, mm_precise=mm_dtype == jnp.float32)
-            T_ref[...] = T
+            T_ref[...] = T.astype(T_ref.dtype)
+            if t_only:
+                return
         T_beta = T * beta_c[None, :]  # T diag(beta)
         w_ref[...] = mm(T_beta * dec.d_in[None, :], k_c, dtype=mm_dtype).astype(w_ref.dtype)
         for j in range(V // t.BVI):  # value tiles bound the live registers for wide V
             vs = pl.ds(j * t.BVI, t.BVI)
             u_ref[:, vs] = mm(T_beta, v_ref[:, vs], dtype=mm_dtype).astype(u_ref.dtype)
 
-    n_out = 2 if given_T else 3
-    out_specs = [t.head_spec(K), t.head_spec(V), t.head_spec(C)][:n_out]
+    out_specs = [t.head_spec(K), t.head_spec(V), t.head_spec(C)]
     out_shape = [jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, K), mm_dtype),
                  jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype),
-                 jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, C), jnp.float32)][:n_out]
+                 jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, C), mm_dtype)]
+    picked = slice(0, 2) if given_T else slice(2, 3) if t_only else slice(0, 3)
+    out_specs, out_shape = out_specs[picked], out_shape[picked]
     outs = backend.call(
         kernel, grid=t.chunk_grid,
         in_specs=[t.qk_spec(), t.head_spec(V), t.gate_spec(), t.gate_spec(),
@@ -75,25 +83,31 @@ def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None):
         out_specs=out_specs, out_shape=out_shape,
         **t.chunk_launch, name="gdn_prepare",
     )(k, v, g, beta, *docs, *([T] if given_T else []))
+    if t_only:
+        return outs[0]
     return (*outs, T) if given_T else tuple(outs)
 
 
-def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, out_dtype, residuals: bool):
-    """Returns (o [B,N,C,HV,V] or None, final state [B,HV,K,V] f32, states_in [B,HV,N,K,V] or None,
-    Vnew [B,N,C,HV,V] or None; those two in mm_dtype). With residuals=True the output O is skipped and the backward's
-    residuals are written instead."""
+def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode: str, out_dtype=None):
+    """The pass across chunks (W/U form), grid (B*HV, V/BV).
+
+    mode "output":    returns (o [B,N,C,HV,V] in out_dtype, final state [B,HV,K,V] f32)
+    mode "residuals": returns (final state, states entering each chunk [B,N,HV,K,V], Vnew [B,N,C,HV,V]),
+                      those two in mm_dtype (the backward uses them only as matmul operands)
+    mode "final":     returns the final state only (context parallelism's first pass)
+    """
     t = tiling
     C, K, V, BV = t.C, t.K, t.V, t.BV
+    with_o, with_res = mode == "output", mode == "residuals"
 
     def kernel(*refs):
         q_ref, k_ref, w_ref, u_ref, g_ref = refs[:5]
         doc_refs = refs[5:5 + len(docs)]
         s0_ref = refs[5 + len(docs)]
-        outs = refs[6 + len(docs):]
-        if residuals:
-            sT_ref, s_in_ref, vn_ref = outs
-        else:
-            o_ref, sT_ref = outs
+        outs = list(refs[6 + len(docs):])
+        o_ref = outs.pop(0) if with_o else None
+        sT_ref = outs.pop(0)
+        s_in_ref, vn_ref = outs if with_res else (None, None)
         b, hv, h = t.heads(pl.program_id(0))
         vs = pl.ds(pl.program_id(1) * BV, BV)
 
@@ -103,10 +117,10 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, out_d
             k_c = k_ref[b, n, :, h, :]
             dec = chunk_decays(g_ref[b, n, :, hv], *load_docs(doc_refs, b, n))
             vnew = u_ref[b, n, :, hv, vs].astype(jnp.float32) - mm(w_ref[b, n, :, hv, :], S, dtype=mm_dtype)
-            if residuals:  # stored in the matmul dtype: the backward uses them only as operands
-                s_in_ref[b, hv, n, :, vs] = S.astype(s_in_ref.dtype)
+            if with_res:
+                s_in_ref[b, n, hv, :, vs] = S.astype(s_in_ref.dtype)
                 vn_ref[b, n, :, hv, vs] = vnew.astype(vn_ref.dtype)
-            else:
+            if with_o:
                 q_c = q_ref[b, n, :, h, :]
                 qk = mm(q_c, k_c, tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
                 o = ((dec.d_in * t.scale)[:, None] * mm(q_c, S, dtype=mm_dtype)
@@ -117,51 +131,16 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, out_d
         S = jax.lax.fori_loop(0, t.N, chunk, s0_ref[b, hv, :, vs])
         sT_ref[b, hv, :, vs] = S
 
-    state = jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)
-    if residuals:
-        out_shape = [state, jax.ShapeDtypeStruct((t.B, t.HV, t.N, K, V), mm_dtype),
-                     jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype)]
-    else:
-        out_shape = [jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), out_dtype), state]
+    out_shape = [jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)]
+    if with_o:
+        out_shape.insert(0, jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), out_dtype))
+    if with_res:
+        out_shape += [jax.ShapeDtypeStruct((t.B, t.N, t.HV, K, V), mm_dtype),
+                      jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype)]
     whole = backend.WHOLE
     outs = backend.call(
         kernel, grid=t.sequential_grid,
         in_specs=[whole] * (6 + len(docs)), out_specs=[whole] * len(out_shape), out_shape=out_shape,
-        **t.sweep_launch,
-        name="gdn_sweep_residuals" if residuals else "gdn_sweep",
+        **t.sweep_launch, name=f"gdn_sweep_{mode}",
     )(q, k, w, u, g, *docs, initial_state)
-    if residuals:
-        S_final, states_in, vnew = outs
-        return None, S_final, states_in, vnew
-    o, S_final = outs
-    return o, S_final, None, None
-
-
-def output(q, k, g, docs, states_in, vnew, tiling: Tiling, mm_dtype, *, out_dtype):
-    """O = (d_in * Q) S + (Q K^T * Gamma) Vnew for all chunks at once, grid (N, B*HV), from the states
-    and Vnew written by a states-only `sweep`: the forward's alternative to forming O inside the
-    sweep, for wide K where the fused sweep runs out of registers."""
-    t = tiling
-    C, V, BV = t.C, t.V, t.BVI
-
-    def kernel(*refs):
-        q_ref, k_ref, g_ref = refs[:3]
-        doc_refs = refs[3:3 + len(docs)]
-        s_ref, vn_ref, o_ref = refs[3 + len(docs):]
-        q_c = q_ref[...]
-        dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
-        qk = mm(q_c, k_ref[...], tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
-        row_scale = (dec.d_in * t.scale)[:, None]
-        for j in range(V // BV):
-            vs = pl.ds(j * BV, BV)
-            o = row_scale * mm(q_c, s_ref[:, vs], dtype=mm_dtype) + mm(qk, vn_ref[:, vs], dtype=mm_dtype)
-            o_ref[:, vs] = o.astype(o_ref.dtype)
-
-    return backend.call(
-        kernel, grid=t.chunk_grid,
-        in_specs=[t.qk_spec(), t.qk_spec(), t.gate_spec(), *[t.doc_spec()] * len(docs),
-                  t.state_spec(), t.head_spec(V)],
-        out_specs=t.head_spec(V),
-        out_shape=jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), out_dtype),
-        **t.chunk_launch, name="gdn_output",
-    )(q, k, g, *docs, states_in, vnew)
+    return tuple(outs) if len(outs) > 1 else outs[0]

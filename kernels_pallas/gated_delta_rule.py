@@ -1,35 +1,103 @@
 """The Pallas gated delta rule: forward and backward kernels joined by `jax.custom_vjp`.
 
-Residuals: the inputs and T = (I + A)^-1 ([B, T, HV, C] float32, like a C-wide head). The backward
-recomputes W and U from T (two matmuls per chunk; the inverse is the costly part of `prepare`), and
-the per-chunk states and Vnew (one sequential sweep) instead of keeping them: the states are
-[B, HV, T/C, K, V], K/C (= 2 at K = 128) times the size of v per layer, which would dominate a
-training step's activation memory, while recomputing them costs about one forward sweep.
+Two lowerings share this driver; `SWEEPS` (one table) says what differs between them:
+  "triton"  every kernel through Pallas's Triton lowering (any CUDA GPU). The sweeps read W and U,
+            which `prepare` writes.
+  "mosaic"  the two sequential sweeps through Mosaic GPU (Hopper: wgmma, TMA; mosaic_sweeps.py), in
+            T-form: they read T and form the W and U products on the fly, so no W or U is stored.
+            The chunk-parallel kernels stay on Triton.
+
+Residuals: the inputs and T = (I + A)^-1 ([B, T, HV, C] in the matmul dtype, like a C-wide head).
+The backward recomputes the per-chunk states and Vnew (one sequential sweep) instead of keeping them:
+they are [B, T/C, HV, K, V], K/C (= 2 at K = 128) times the size of v per layer, which would
+dominate a training step's activation memory, while recomputing them costs about one forward sweep.
+With context parallelism (`Tiling.segments` > 1, context_parallel.py) the segments' transitions and
+entering states are kept too ([B, P, HV, K, K + V] float32, small).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import backward, forward
+from kernels_pallas import backward, context_parallel as cp, forward, mosaic_sweeps
 from kernels_pallas.layout import Tiling
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
+class Chunks(NamedTuple):
+    """The chunked inputs (kernels_pallas/layout.py) and what `prepare` made of them: T, and for the
+    W/U-form sweeps W and U (else None)."""
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    g: jax.Array
+    beta: jax.Array
+    docs: tuple
+    T: jax.Array
+    w: jax.Array | None = None
+    u: jax.Array | None = None
 
-
-def _pad_last(x, size):
-    pad = size - x.shape[-1]
-    return x if pad == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    def split(self, P):
+        return jax.tree.map(lambda x: cp.split(x, P), self)
 
 
 def _mm_dtype(dtype):
     # bf16/f16 operands use the tensor cores; f32 inputs keep IEEE float32 products.
     return jnp.dtype(dtype) if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(jnp.float32)
+
+
+class _TritonSweeps:
+    """W/U form: Vnew = U - W S, with W and U from `prepare`."""
+
+    @staticmethod
+    def prepare(x: Chunks, t, T=None) -> Chunks:
+        mm_dtype = _mm_dtype(x.q.dtype)
+        w, u, T = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, T=T)
+        return x._replace(T=T, w=w, u=u)
+
+    @staticmethod
+    def with_transition_columns(x: Chunks, K) -> Chunks:
+        return x._replace(u=cp.with_transition_columns(x.u, K))
+
+    @staticmethod
+    def sweep(x: Chunks, S0, t, mode, out_dtype=None):
+        return forward.sweep(x.q, x.k, x.w, x.u, x.g, x.docs, S0, t, _mm_dtype(x.q.dtype), mode=mode,
+                             out_dtype=out_dtype)
+
+    @staticmethod
+    def reverse(x: Chunks, do, dS_final, t, mode):
+        mm_dtype = _mm_dtype(x.q.dtype)
+        local = backward.local_dvnew(x.q, x.k, x.g, x.docs, do, t, mm_dtype)
+        return backward.reverse_sweep(x.q, x.k, x.w, x.g, x.docs, do, local, dS_final, t, mm_dtype, mode=mode)
+
+
+class _MosaicSweeps:
+    """T-form: Vnew = T (beta * (V - d_in * K S)), formed inside the Mosaic sweeps."""
+
+    @staticmethod
+    def prepare(x: Chunks, t, T=None) -> Chunks:
+        if T is None:
+            T = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, _mm_dtype(x.q.dtype), t_only=True)
+        return x._replace(T=T)
+
+    @staticmethod
+    def with_transition_columns(x: Chunks, K) -> Chunks:
+        return x._replace(v=cp.with_transition_columns(x.v, K))
+
+    @staticmethod
+    def sweep(x: Chunks, S0, t, mode, out_dtype=None):
+        return mosaic_sweeps.sweep(x.q, x.k, x.v, x.T, x.g, x.beta, x.docs, S0, t, mode=mode,
+                                   out_dtype=out_dtype)
+
+    @staticmethod
+    def reverse(x: Chunks, do, dS_final, t, mode):
+        return mosaic_sweeps.reverse_sweep(x.q, x.k, x.T, x.g, x.beta, x.docs, do, dS_final, t, mode=mode)
+
+
+SWEEPS = {"triton": _TritonSweeps, "mosaic": _MosaicSweeps}
 
 
 def document_masks(reset_BxT, N, C):
@@ -43,16 +111,19 @@ def document_masks(reset_BxT, N, C):
 
 
 def _forward(q, k, v, g, beta, initial_state, docs, t: Tiling):
-    mm_dtype = _mm_dtype(q.dtype)
-    w, u, T = forward.prepare(k, v, g, beta, docs, t, mm_dtype)
-    if t.split_output:
-        _, S_final, states_in, vnew = forward.sweep(q, k, w, u, g, docs, initial_state, t, mm_dtype,
-                                                    out_dtype=v.dtype, residuals=True)
-        o = forward.output(q, k, g, docs, states_in, vnew, t, mm_dtype, out_dtype=v.dtype)
-    else:
-        o, S_final, _, _ = forward.sweep(q, k, w, u, g, docs, initial_state, t, mm_dtype,
-                                         out_dtype=v.dtype, residuals=False)
-    return (o, S_final), T
+    """((o, final state), residuals)."""
+    sweeps = SWEEPS[t.sweeps]
+    x = sweeps.prepare(Chunks(q, k, v, g, beta, docs, None), t)
+    if t.segments == 1:
+        o, S_final = sweeps.sweep(x, initial_state, t, "output", v.dtype)
+        return (o, S_final), (x.T, None)
+    ts, P = cp.segment_tiling(t), t.segments
+    xs = x.split(P)
+    S_aug = sweeps.sweep(sweeps.with_transition_columns(xs, t.K), cp.transition_start(ts),
+                         ts._replace(V=t.K + t.V), "final")
+    M, S_in, S_final = cp.join_forward(S_aug, initial_state, t)
+    o, _ = sweeps.sweep(xs, S_in.reshape(ts.B, *S_in.shape[2:]), ts, "output", v.dtype)
+    return (cp.merge(o, P), S_final), (x.T, (M, S_in))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -61,20 +132,37 @@ def _chunked(q, k, v, g, beta, initial_state, docs, t: Tiling):
 
 
 def _chunked_fwd(q, k, v, g, beta, initial_state, docs, t):
-    out, T = _forward(q, k, v, g, beta, initial_state, docs, t)
-    return out, (q, k, v, g, beta, initial_state, docs, T)
+    out, (T, segments) = _forward(q, k, v, g, beta, initial_state, docs, t)
+    return out, (q, k, v, g, beta, initial_state, docs, T, segments)
+
+
+def _states_and_cotangents(x: Chunks, initial_state, segments, do, dS_final, t: Tiling):
+    """The backward's two sweeps: (states entering each chunk, Vnew, dS leaving each chunk, dVnew,
+    d initial_state)."""
+    sweeps = SWEEPS[t.sweeps]
+    if t.segments == 1:
+        _, states_in, vnew = sweeps.sweep(x, initial_state, t, "residuals")
+        dstates_out, dvnew, d_initial = sweeps.reverse(x, do, dS_final, t, "full")
+        return states_in, vnew, dstates_out, dvnew, d_initial
+    ts, P = cp.segment_tiling(t), t.segments
+    M, S_in = segments
+    xs, dos = x.split(P), cp.split(do, P)
+    _, states_in, vnew = sweeps.sweep(xs, S_in.reshape(ts.B, *S_in.shape[2:]), ts, "residuals")
+    own = sweeps.reverse(xs, dos, jnp.zeros_like(S_in).reshape(ts.B, *S_in.shape[2:]), ts, "final")
+    dS_out = cp.join_backward(own, M, dS_final, t)
+    dstates_out, dvnew, d_in = sweeps.reverse(xs, dos, dS_out.reshape(ts.B, *S_in.shape[2:]), ts, "full")
+    d_initial = d_in.reshape(t.B, P, *d_in.shape[1:])[:, 0]
+    return (cp.merge(states_in, P), cp.merge(vnew, P), cp.merge(dstates_out, P), cp.merge(dvnew, P),
+            d_initial)
 
 
 def _chunked_bwd(t, res, cotangents):
-    q, k, v, g, beta, initial_state, docs, T = res
+    q, k, v, g, beta, initial_state, docs, T, segments = res
     do, dS_final = cotangents
     mm_dtype = _mm_dtype(q.dtype)
-    w, u, _ = forward.prepare(k, v, g, beta, docs, t, mm_dtype, T=T)
-    _, _, states_in, vnew = forward.sweep(q, k, w, u, g, docs, initial_state, t, mm_dtype,
-                                          out_dtype=v.dtype, residuals=True)
-    dvn_local = backward.local_dvnew(q, k, g, docs, do, t, mm_dtype)
-    dstates_out, dvnew, d_initial = backward.reverse_sweep(q, k, w, g, docs, do, dvn_local, dS_final, t,
-                                                           mm_dtype)
+    x = SWEEPS[t.sweeps].prepare(Chunks(q, k, v, g, beta, docs, None), t, T=T)
+    states_in, vnew, dstates_out, dvnew, d_initial = _states_and_cotangents(
+        x, initial_state, segments, do, dS_final, t)
     t_dvn, d_qk, Y, dG, dbeta = backward.pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, t, mm_dtype)
     dq, dk, dG_keys, dbeta_keys = backward.key_grads(q, k, g, beta, docs, d_qk, Y, states_in,
                                                      dstates_out, do, vnew, t_dvn, t, mm_dtype)
@@ -91,22 +179,72 @@ def _chunked_bwd(t, res, cotangents):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, block_v=32, inner_block_v=None,
-                block_k=64, num_warps=4, num_stages=1, sweep_warps=4, sweep_stages=None,
-                split_output=False) -> Tiling:
+def padded_head_dims(K: int, V: int) -> tuple[int, int]:
+    """The head dims the kernels see: powers of two, at least 16."""
+    pow2 = lambda n: max(16, 1 << (n - 1).bit_length())
+    return pow2(K), pow2(V)
+
+
+def _pad_last(x, size):
+    pad = size - x.shape[-1]
+    return x if pad == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+
+
+def _sm_count() -> int:
+    dev = jax.devices()[0]
+    return getattr(dev, "core_count", None) or 132
+
+
+def default_segments(*, B, HV, N, K, V, block_v) -> int:
+    """Segments for context parallelism: enough (batch, head, value tile) programs to give every SM
+    about two, keeping at least 8 chunks per segment. The sweeps of a segmented call do about three
+    times the column work (the transition pass carries K extra columns), so segments pay only where
+    the unsegmented grid leaves most SMs idle."""
+    programs = B * HV * (V // block_v)
+    P = 1
+    while programs * P * 2 <= _sm_count() and N % (2 * P) == 0 and N // (2 * P) >= 8:
+        P *= 2
+    return P if K % block_v == 0 else 1
+
+
+def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps="triton",
+                block_v=None, inner_block_v=None, block_k=64, num_warps=4, num_stages=1, sweep_warps=4,
+                sweep_stages=None, mosaic_stages=None, segments=None, interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here to powers of two), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
-    Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
+    if sweeps not in SWEEPS:
+        raise ValueError(f"sweeps must be one of {tuple(SWEEPS)}, got {sweeps!r}")
+    Kp, Vp = padded_head_dims(K, V)
+    N = T // chunk_size
     # Defaults measured on an H100 (docs/benchmarks.md, "Where the time goes").
+    if block_v is None:
+        block_v = 64 if sweeps == "mosaic" else 32
     block_v = min(block_v, Vp)
     if inner_block_v is None:
         inner_block_v = 128 if Kp <= 128 else 64
     if sweep_stages is None:  # two [K, BV] stages of the sweep's loads must fit in shared memory
         sweep_stages = 2 if Kp * block_v <= 256 * 32 else 1
-    return Tiling(B=B, N=T // chunk_size, C=chunk_size, H=H, HV=HV, K=Kp, V=Vp, BV=block_v,
-                  BK=min(block_k, Kp), scale=float(scale), has_docs=has_docs, BVI=min(inner_block_v, Vp),
-                  num_warps=num_warps, num_stages=num_stages, sweep_warps=sweep_warps,
-                  sweep_stages=sweep_stages, split_output=split_output)
+    if mosaic_stages is None:  # two stages of q, k [C, K] tiles fit shared memory up to K = 128
+        mosaic_stages = 2 if Kp <= 128 else 1
+    if segments is None:
+        segments = default_segments(B=B, HV=HV, N=N, K=Kp, V=Vp, block_v=block_v)
+    if segments != 1 and (segments < 1 or N % segments or Kp % block_v):
+        raise ValueError(f"segments = {segments} must divide the {N} chunks, and block_v = {block_v} "
+                         f"the key dim {Kp}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    t = Tiling(B=B, N=N, C=chunk_size, H=H, HV=HV, K=Kp, V=Vp, BV=block_v,
+               BK=min(block_k, Kp), scale=float(scale), has_docs=has_docs, BVI=min(inner_block_v, Vp),
+               num_warps=num_warps, num_stages=num_stages, sweep_warps=sweep_warps,
+               sweep_stages=sweep_stages, sweeps=sweeps, mosaic_stages=mosaic_stages, segments=segments,
+               interpret=bool(interpret))
+    if sweeps == "mosaic":
+        reason = mosaic_sweeps.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
+        if reason is None and t.interpret and not mosaic_sweeps.interpret_supported():
+            reason = "Mosaic GPU's interpret mode (for running without a GPU) needs jax >= 0.12"
+        if reason is not None:
+            raise ValueError(f"the Mosaic GPU sweeps cannot run this call: {reason}")
+    return t
 
 
 def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size, **launch):
@@ -116,18 +254,21 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
     key/query columns add nothing to any product and zero value columns give zero outputs.
     `launch` holds launch parameters only (see `make_tiling` for their defaults); every choice computes
     the same function:
-      block_v, sweep_warps, sweep_stages: the sequential sweeps' value tile, warps and software-
-        pipelining depth (default sweep_stages: 2, or 1 where 2 would not fit shared memory);
+      sweeps: "triton" or "mosaic", the lowering of the two sequential sweeps (SWEEPS);
+      block_v, sweep_warps, sweep_stages: the sequential sweeps' value tile (default 32 on Triton, 64
+        on Mosaic), warps and software-pipelining depth (default sweep_stages: 2, or 1 where 2 would
+        not fit shared memory); mosaic_stages: chunks in flight in the Mosaic sweeps' TMA pipeline;
       inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop
         (default 128 at K <= 128, 64 above), key tile (of the key-tiled gradient kernel), warps and
         stages;
-      split_output: the forward sweep writes the per-chunk states and a chunk-parallel kernel forms O,
-        instead of forming O inside the sweep.
+      segments: context parallelism, the number of sequence segments swept side by side (default:
+        enough to fill the GPU when B * HV is small; see `default_segments`);
+      interpret: run the kernels in Pallas interpret mode (default: when there is no GPU).
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     tiling = make_tiling(B=B, T=T, H=H, HV=HV, K=K, V=V, chunk_size=chunk_size, scale=scale,
-                         has_docs=reset is not None, **launch)
+                         has_docs=reset is not None, dtype=q.dtype, **launch)
     N, C, Kp, Vp = tiling.N, tiling.C, tiling.K, tiling.V
     chunked = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q_, k_ = (chunked(_pad_last(x, Kp)) for x in (q, k))

@@ -4,7 +4,7 @@ Arrays travel chunk-major without copies, by reshaping T into (N, C):
   q, k      [B, N, C, H, K]          v, o, U, Vnew  [B, N, C, HV, V]
   g, beta   [B, N, C, HV] float32    W              [B, N, C, HV, K]
   doc, reach_in, reach_out  [B, N, C] (document index and the two survival masks; only with segments)
-  per-chunk states          [B, HV, N, K, V] float32
+  per-chunk states          [B, N, HV, K, V] (chunk-major, so sequence segments split and merge by reshape)
 Programs are indexed by (chunk n, batch-head bh) for chunk-parallel kernels and by (bh, value tile j)
 for the kernels that walk the chunks in order; value head hv = bh % HV reads q/k head hv // (HV // H).
 """
@@ -39,15 +39,18 @@ class Tiling(NamedTuple):
     num_stages: int = 1
     sweep_warps: int = 4        # sequential sweeps
     sweep_stages: int = 1       # software-pipelining depth of the sweeps' loop over chunks
-    split_output: bool = False  # forward: states-only sweep + chunk-parallel output kernel
+    sweeps: str = "triton"      # which lowering runs the two sequential sweeps (gated_delta_rule.SWEEPS)
+    mosaic_stages: int = 2      # Mosaic sweeps: chunks in flight in the TMA pipeline
+    segments: int = 1           # context parallelism: sequence segments swept side by side
+    interpret: bool = False     # run every kernel in Pallas interpret mode (CPU)
 
     @property
     def sweep_launch(self) -> dict:
-        return dict(num_warps=self.sweep_warps, num_stages=self.sweep_stages)
+        return dict(num_warps=self.sweep_warps, num_stages=self.sweep_stages, interpret=self.interpret)
 
     @property
     def chunk_launch(self) -> dict:
-        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, interpret=self.interpret)
 
     @property
     def group(self) -> int:
@@ -110,4 +113,4 @@ class Tiling(NamedTuple):
     def state_spec(self, key_tiled=False):
         rows = self.BK if key_tiled else self.K
         return pl.BlockSpec((None, None, None, rows, self.V),
-                            lambda n, bh, kt=0: (bh // self.HV, bh % self.HV, n, kt, 0))
+                            lambda n, bh, kt=0: (bh // self.HV, n, bh % self.HV, kt, 0))

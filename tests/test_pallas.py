@@ -1,15 +1,44 @@
-"""impl="pallas" (the Pallas kernels, in interpret mode on a CPU) against the float64 oracle and scan."""
+"""Every Pallas backend (interpret mode on a CPU) against the float64 oracle and the scan reference.
+
+One set of cases runs on each backend in gdn_jax.impls: "pallas_triton" in float32 (tight tolerances)
+and bf16, "pallas_mosaic" in bf16 (its wgmma operands). The Mosaic backend's interpret mode needs
+jax >= 0.12; on older jax its cases are skipped with that reason (CI runs them on Python 3.12).
+bf16 cases compare against references fed exactly the bf16-rounded inputs, so only the kernels' own
+rounding is measured.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gdn_jax import impls
 from gdn_jax.ops import gated_delta_rule, resets_from_segment_ids
 from kernels_pallas import pallas_gated_delta_rule
 from op_inputs import random_op_inputs
 from oracle import gated_delta_rule_oracle
-from test_ops import OP_ARGS, loss_with_random_cotangents, rel_err, run_op
+from test_ops import OP_ARGS, rel_err
+
+BF16 = jnp.bfloat16
+# (impl, input dtype): every backend with the dtypes it runs. The Mosaic sweeps need C = 64 and head
+# dims that pad to multiples of 64, so each case below keeps to those.
+BACKENDS = [("pallas_triton", jnp.float32), ("pallas_triton", BF16), ("pallas_mosaic", BF16)]
+# Relative-error bounds per input dtype: (forward vs oracle, gradients vs scan).
+TOL = {jnp.float32: (2e-5, 1e-4), BF16: (1e-2, 2e-2)}
+
+
+def _skip_unless_runs(impl, dtype, K=64, V=64):
+    reason = impls.IMPLEMENTATIONS[impl].supports(dtype, K, V, 64)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _rounded(x, dtype):
+    """The inputs as the kernel sees them (q, k, v in dtype) and as float32 arrays for the references."""
+    ops_in = {n: (jnp.asarray(a).astype(dtype) if n in ("q", "k", "v") else jnp.asarray(a)) for n, a in x.items()}
+    ref_in = {n: np.asarray(a.astype(jnp.float32)) if n in ("q", "k", "v") else np.asarray(a)
+              for n, a in ops_in.items()}
+    return ops_in, ref_in
 
 
 def boundaries_at(B, T, cuts):
@@ -17,83 +46,130 @@ def boundaries_at(B, T, cuts):
     return np.broadcast_to((np.arange(T)[:, None] >= np.asarray(cuts)[None, :]).sum(-1), (B, T)).astype(np.int32)
 
 
+def _run(x, impl, **launch):
+    """The op on these inputs through one backend; launch options go to the kernels."""
+    args = [x[n] for n in OP_ARGS]
+    S0 = x.get("initial_state")
+    seg = x.get("segment_ids")
+    if not launch:
+        return gated_delta_rule(*args, initial_state=S0, segment_ids=seg, output_final_state=True,
+                                impl=impl, chunk_size=64)
+    B, T, H, K = args[0].shape
+    S0 = jnp.zeros((B, args[2].shape[2], K, args[2].shape[3]), jnp.float32) if S0 is None else S0
+    reset = None if seg is None else resets_from_segment_ids(seg)
+    sweeps = impl.removeprefix("pallas_")
+    pad = -T % 64
+    padded = [jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in args]
+    reset = None if reset is None else jnp.pad(reset, [(0, 0), (0, pad)])
+    o, S = pallas_gated_delta_rule(*padded, scale=K ** -0.5, initial_state=S0, reset=reset,
+                                   chunk_size=64, sweeps=sweeps, **launch)
+    return o[:, :T], S
+
+
 CASES = {
-    # name: (input options, chunk size)
-    "ragged_T_gva": (dict(T=45, H=1, HV=2, K=16, V=16), 16),
-    "non_pow2_heads_state": (dict(T=40, K=20, V=40, with_state=True), 32),
-    "docs_c64": (dict(T=70, K=16, V=16, num_docs=4, with_state=True), 64),
-    "T1": (dict(T=1, K=16, V=16, with_state=True), 16),
+    # name: random_op_inputs options
+    "ragged_T_gva_state": dict(B=1, T=150, H=1, HV=2, K=64, V=64, with_state=True),
+    "non_pow2_heads": dict(B=1, T=100, H=1, K=100, V=80, with_state=True),
+    "documents": dict(B=2, T=192, H=1, K=64, V=64, with_state=True, num_docs=4),
+    "T1": dict(B=1, T=1, H=1, K=64, V=64, with_state=True),
 }
 
 
+@pytest.mark.parametrize("impl, dtype", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
-def test_forward_matches_oracle(case):
-    opts, C = CASES[case]
-    x = random_op_inputs(10, **opts)
-    o, S = run_op(x, impl="pallas", chunk_size=C)
-    o_ref, S_ref = gated_delta_rule_oracle(**x)
-    assert rel_err(o, o_ref) < 2e-5
-    assert rel_err(S, S_ref) < 2e-5
+def test_forward_matches_oracle(impl, dtype, case):
+    opts = CASES[case]
+    _skip_unless_runs(impl, dtype, opts["K"], opts["V"])
+    x, ref = _rounded(random_op_inputs(10, **opts), dtype)
+    o, S = _run(x, impl)
+    o_ref, S_ref = gated_delta_rule_oracle(**ref)
+    assert o.dtype == dtype and S.dtype == jnp.float32
+    assert rel_err(o, o_ref) < TOL[dtype][0]
+    assert rel_err(S, S_ref) < TOL[dtype][0]
 
 
-@pytest.mark.parametrize("split_output", [False, True])
-def test_forward_fused_and_split_output_agree_with_oracle(split_output):
-    x = random_op_inputs(18, B=2, T=64, H=1, HV=2, K=20, V=40, with_state=True, num_docs=3)
-    reset = resets_from_segment_ids(jnp.asarray(x["segment_ids"]))
-    o, S = pallas_gated_delta_rule(*(jnp.asarray(x[n]) for n in OP_ARGS), scale=20 ** -0.5,
-                                   initial_state=jnp.asarray(x["initial_state"]), reset=reset,
-                                   chunk_size=16, block_v=16, split_output=split_output)
-    o_ref, S_ref = gated_delta_rule_oracle(**x)
-    assert rel_err(o, o_ref) < 2e-5
-    assert rel_err(S, S_ref) < 2e-5
+@pytest.mark.parametrize("impl, dtype", BACKENDS)
+def test_documents_starting_at_and_inside_chunk_boundaries(impl, dtype):
+    _skip_unless_runs(impl, dtype)
+    x = random_op_inputs(11, B=2, T=256, H=1, K=64, V=64, with_state=True)
+    x["segment_ids"] = boundaries_at(2, 256, [64, 100, 101, 128, 255])  # chunk starts 64, 128
+    x, ref = _rounded(x, dtype)
+    o, S = _run(x, impl)
+    o_ref, S_ref = gated_delta_rule_oracle(**ref)
+    assert rel_err(o, o_ref) < TOL[dtype][0]
+    assert rel_err(S, S_ref) < TOL[dtype][0]
 
 
-def test_documents_starting_at_and_inside_chunk_boundaries():
-    x = random_op_inputs(11, B=2, T=48, K=16, V=16, with_state=True)
-    x["segment_ids"] = boundaries_at(2, 48, [16, 21, 22, 32])  # chunk starts 16, 32; 21, 22 inside
-    o, S = run_op(x, impl="pallas", chunk_size=16)
-    o_ref, S_ref = gated_delta_rule_oracle(**x)
-    assert rel_err(o, o_ref) < 2e-5
-    assert rel_err(S, S_ref) < 2e-5
+@pytest.mark.parametrize("impl, dtype", BACKENDS)
+@pytest.mark.parametrize("edge", [dict(g_value=0.0, beta_value=1.0), dict(g_value=-30.0),
+                                  dict(beta_value=0.0)])
+def test_edge_gates(impl, dtype, edge):
+    _skip_unless_runs(impl, dtype)
+    x, ref = _rounded(random_op_inputs(12, B=1, T=128, H=1, K=64, V=64, with_state=True, num_docs=2,
+                                       **edge), dtype)
+    o, S = _run(x, impl)
+    o_ref, S_ref = gated_delta_rule_oracle(**ref)
+    assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(S)).all()
+    assert rel_err(o, o_ref) < TOL[dtype][0]
+    assert rel_err(S, S_ref) < TOL[dtype][0]
 
 
-@pytest.mark.parametrize("edge", [dict(g_value=0.0, beta_value=1.0), dict(g_value=-30.0)])
-def test_edge_gates(edge):
-    x = random_op_inputs(12, T=40, K=16, V=16, with_state=True, num_docs=2, **edge)
-    o, S = run_op(x, impl="pallas", chunk_size=16)
-    o_ref, S_ref = gated_delta_rule_oracle(**x)
-    assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(S)).all()
-    assert rel_err(o, o_ref) < 2e-5
-    assert rel_err(S, S_ref) < 2e-5
+def _grads(x, dtype, impl, seed, **launch):
+    """Gradients of <o, dO> + <S, dS> (random cotangents) w.r.t. q, k, v, g, beta, initial_state."""
+    rng = np.random.default_rng(seed)
+    dO = jnp.asarray(rng.standard_normal(x["v"].shape), jnp.float32)
+    dS = jnp.asarray(rng.standard_normal(x["initial_state"].shape), jnp.float32)
+
+    def loss(q, k, v, g, beta, S0):
+        inputs = {**x, "q": q.astype(dtype), "k": k.astype(dtype), "v": v.astype(dtype), "g": g,
+                  "beta": beta, "initial_state": S0}
+        o, S = _run(inputs, impl, **launch)
+        return jnp.vdot(o.astype(jnp.float32), dO) + jnp.vdot(S, dS)
+
+    args = [jnp.asarray(x[n], jnp.float32) for n in (*OP_ARGS, "initial_state")]
+    return jax.grad(loss, tuple(range(6)))(*args)
 
 
-def test_bf16_inputs():
-    x = random_op_inputs(13, T=50, H=1, HV=2, K=16, V=32, with_state=True)
-    xb = {n: (jnp.asarray(a, jnp.bfloat16) if n in ("q", "k", "v") else a) for n, a in x.items()}
-    o, S = run_op(xb, impl="pallas", chunk_size=16)
-    o_ref, S_ref = gated_delta_rule_oracle(**{n: np.asarray(jnp.asarray(a, jnp.float32)) for n, a in xb.items()})
-    assert o.dtype == jnp.bfloat16
-    assert rel_err(o, o_ref) < 1e-2
-    assert rel_err(S, S_ref) < 1e-2
+GRAD_CASES = {
+    "gva_documents_ragged": dict(B=1, T=170, H=1, HV=2, K=64, V=64, num_docs=3),
+    "non_pow2_heads_no_decay": dict(B=1, T=96, H=1, K=100, V=80, g_value=0.0),
+}
 
 
-@pytest.mark.parametrize("case, chunk_size", [
-    (dict(T=40, H=1, HV=2, K=16, V=16, num_docs=3), 16),          # GVA, documents, ragged T
-    (dict(T=35, K=20, V=24, g_value=0.0), 32),                     # non-pow2 heads, no decay
-])
-def test_gradients_match_scan(case, chunk_size):
-    x = random_op_inputs(14, with_state=True, **case)
-    args = [jnp.asarray(x[n]) for n in (*OP_ARGS, "initial_state")]
-    argnums = tuple(range(6))
-    grads_ref = jax.grad(loss_with_random_cotangents("scan", x, 15), argnums)(*args)
-    grads = jax.grad(loss_with_random_cotangents("pallas", x, 15, chunk_size), argnums)(*args)
+@pytest.mark.parametrize("impl, dtype", BACKENDS)
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradients_match_scan(impl, dtype, case):
+    opts = GRAD_CASES[case]
+    _skip_unless_runs(impl, dtype, opts["K"], opts["V"])
+    _, x = _rounded(random_op_inputs(14, with_state=True, **opts), dtype)
+    grads_ref = _grads(x, jnp.float32, "scan", 15)
+    grads = _grads(x, dtype, impl, 15)
     for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
         assert np.isfinite(np.asarray(gp)).all(), name
-        assert rel_err(gp, gr) < 1e-4, (name, rel_err(gp, gr))
+        assert rel_err(gp, gr) < TOL[dtype][1], (name, rel_err(gp, gr))
 
 
-def test_gradients_with_several_key_and_value_tiles():
-    """Small tiles force the inner loops over value tiles and the grid over key tiles."""
+@pytest.mark.parametrize("impl, dtype", BACKENDS)
+def test_context_parallel_segments_equal_one_sweep(impl, dtype):
+    """Sequence segments swept side by side and joined (kernels_pallas/context_parallel.py) give the
+    unsegmented result, forward and gradients, with documents that cross segment boundaries."""
+    _skip_unless_runs(impl, dtype)
+    x = random_op_inputs(19, B=1, T=512, H=1, HV=2, K=64, V=64, with_state=True)
+    x["segment_ids"] = boundaries_at(1, 512, [100, 128, 300, 384])  # segment starts at 128, 256, 384
+    x, ref = _rounded(x, dtype)
+    o_ref, S_ref = gated_delta_rule_oracle(**ref)
+    for segments in (2, 4):
+        o, S = _run(x, impl, segments=segments)
+        assert rel_err(o, o_ref) < TOL[dtype][0], segments
+        assert rel_err(S, S_ref) < TOL[dtype][0], segments
+    grads_ref = _grads(ref, jnp.float32, "scan", 20)
+    grads = _grads(ref, dtype, impl, 20, segments=4)
+    for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
+        assert rel_err(gp, gr) < TOL[dtype][1], (name, rel_err(gp, gr))
+
+
+def test_triton_gradients_with_several_key_and_value_tiles():
+    """Small tiles force the Triton kernels' inner loops over value tiles and the grid over key tiles."""
     x = random_op_inputs(16, B=1, T=64, H=1, HV=2, K=20, V=40, with_state=True, num_docs=3)
     reset = resets_from_segment_ids(jnp.asarray(x["segment_ids"]))
     rng = np.random.default_rng(17)
@@ -113,7 +189,30 @@ def test_gradients_with_several_key_and_value_tiles():
 
     args = [jnp.asarray(x[n]) for n in (*OP_ARGS, "initial_state")]
     grads_ref = jax.grad(loss(scan_fn), tuple(range(6)))(*args)
-    grads = jax.grad(loss(pallas_gated_delta_rule, block_v=16, inner_block_v=16, block_k=16),
-                     tuple(range(6)))(*args)
+    grads = jax.grad(loss(pallas_gated_delta_rule, sweeps="triton", block_v=16, inner_block_v=16,
+                          block_k=16), tuple(range(6)))(*args)
     for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
         assert rel_err(gp, gr) < 1e-4, (name, rel_err(gp, gr))
+
+
+def test_triton_small_chunks_and_heads_match_oracle():
+    """Chunk sizes 16 and 32 and head dims below 64 (Triton only)."""
+    for C, opts in ((16, dict(T=45, H=1, HV=2, K=16, V=16)), (32, dict(T=40, K=20, V=40, num_docs=2))):
+        x = random_op_inputs(10, with_state=True, **opts)
+        args = [jnp.asarray(x[n]) for n in OP_ARGS]
+        seg = None if "segment_ids" not in x else jnp.asarray(x["segment_ids"])
+        o, S = gated_delta_rule(*args, initial_state=jnp.asarray(x["initial_state"]), segment_ids=seg,
+                                output_final_state=True, impl="pallas_triton", chunk_size=C)
+        o_ref, S_ref = gated_delta_rule_oracle(**x)
+        assert rel_err(o, o_ref) < 2e-5 and rel_err(S, S_ref) < 2e-5, C
+
+
+def test_pallas_means_a_backend_that_runs_here():
+    """Without a GPU "pallas" is the Triton kernels in interpret mode; an impl that cannot run the
+    call names why."""
+    if jax.default_backend() != "gpu":
+        assert impls.resolve("pallas", dtype=BF16, K=128, V=128, chunk_size=64) == "pallas_triton"
+    with pytest.raises(ValueError, match="chunk_size must be 64"):
+        impls.resolve("pallas_mosaic", dtype=BF16, K=128, V=128, chunk_size=32)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        impls.resolve("pallas_mosaic", dtype=jnp.float32, K=128, V=128, chunk_size=64)

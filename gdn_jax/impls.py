@@ -1,0 +1,92 @@
+"""The implementations of the gated delta rule, and which one a name means: the one table.
+
+  "scan"           `lax.scan` over tokens: the definition (gdn_jax/reference.py).
+  "chunk"          chunkwise WY/UT algorithm in plain JAX (gdn_jax/chunked.py).
+  "pallas_triton"  Pallas kernels, all lowered through Triton (any CUDA GPU; interpret mode on a CPU).
+  "pallas_mosaic"  the same, with the two sequential sweeps on Mosaic GPU (Hopper wgmma and TMA;
+                   bf16/f16 inputs, chunk size 64; interpret mode on a CPU needs jax >= 0.12).
+  "pallas"         the fastest Pallas path the call can run on this device (`PALLAS_PREFERENCE`).
+  "auto"           "pallas" on a GPU, "chunk" elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+
+
+class Implementation(NamedTuple):
+    run: Callable      # (q, k, v, g, beta, *, scale, initial_state, reset, chunk_size) -> (o, S)
+    chunked: bool      # needs T padded to a multiple of chunk_size
+    supports: Callable  # (dtype, K, V, chunk_size) -> None, or why the call cannot run here
+
+
+def _scan(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size):
+    del chunk_size
+    from gdn_jax import reference
+    return reference.scan_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                           reset=reset)
+
+
+def _chunk(q, k, v, g, beta, **kw):
+    from gdn_jax import chunked
+    return chunked.chunk_gated_delta_rule(q, k, v, g, beta, **kw)
+
+
+def _pallas(sweeps: str) -> Callable:
+    def run(q, k, v, g, beta, **kw):
+        from kernels_pallas import pallas_gated_delta_rule
+        return pallas_gated_delta_rule(q, k, v, g, beta, sweeps=sweeps, **kw)
+    return run
+
+
+def _always(*_):
+    return None
+
+
+def _mosaic_support(dtype, K, V, chunk_size):
+    from kernels_pallas import mosaic_sweeps
+    from kernels_pallas.gated_delta_rule import padded_head_dims
+    Kp, Vp = padded_head_dims(K, V)
+    reason = mosaic_sweeps.unsupported_reason(C=chunk_size, K=Kp, V=Vp, BV=64, dtype=dtype)
+    if reason is None and jax.default_backend() == "gpu" and not on_hopper():
+        reason = "the Mosaic GPU sweeps need a Hopper GPU (wgmma, TMA)"
+    if reason is None and jax.default_backend() != "gpu" and not mosaic_sweeps.interpret_supported():
+        reason = "running the Mosaic GPU sweeps without a GPU (interpret mode) needs jax >= 0.12"
+    return reason
+
+
+IMPLEMENTATIONS = {
+    "scan": Implementation(_scan, chunked=False, supports=_always),
+    "chunk": Implementation(_chunk, chunked=True, supports=_always),
+    "pallas_triton": Implementation(_pallas("triton"), chunked=True, supports=_always),
+    "pallas_mosaic": Implementation(_pallas("mosaic"), chunked=True, supports=_mosaic_support),
+}
+ALIASES = ("pallas", "auto")
+IMPLS = (*IMPLEMENTATIONS, *ALIASES)
+# What "pallas" tries, in order, on a Hopper GPU (docs/benchmarks.md has the measurements behind it).
+PALLAS_PREFERENCE = ("pallas_mosaic", "pallas_triton")
+
+
+def on_hopper() -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
+    return float(capability) >= 9.0
+
+
+def resolve(impl: str, *, dtype, K: int, V: int, chunk_size: int) -> str:
+    """The concrete implementation an impl name (one of IMPLS) means for this call on this machine.
+    An explicit name that cannot run raises ValueError with the reason."""
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "chunk"
+    if impl == "pallas":
+        # Without a GPU "pallas" means the portable kernels in interpret mode.
+        candidates = PALLAS_PREFERENCE if on_hopper() else ("pallas_triton",)
+        return next(name for name in candidates
+                    if IMPLEMENTATIONS[name].supports(dtype, K, V, chunk_size) is None)
+    reason = IMPLEMENTATIONS[impl].supports(dtype, K, V, chunk_size)
+    if reason is not None:
+        raise ValueError(f"impl={impl!r} cannot run this call: {reason}")
+    return impl

@@ -1,0 +1,393 @@
+"""The two sequential sweeps on Mosaic GPU (Hopper: wgmma on shared-memory tiles, TMA-pipelined loads).
+
+T-form: the sweeps read T = (I + A)^-1 [C, C] (from `forward.prepare(..., t_only=True)`) and form the
+chunk's W and U products on the fly instead of reading precomputed W [C, K] and U [C, V]:
+
+  forward, per chunk (S = state entering it, [K, BV] value tile):
+      X    = beta * (V - d_in * (K S))          [C, BV]
+      Vnew = T X                                (= U - W S)
+      O    = scale d_in * (Q S) + (scale Q K^T * Gamma) Vnew
+      S   <- d_chunk S + K^T (d_out * Vnew)
+  reverse, chunks from last to first (dS = dL/dS leaving the chunk):
+      dVnew = (scale K Q^T * Gamma^T) dO + d_out * (K dS)
+      dS   <- d_chunk dS + Q^T (scale d_in * dO) - K^T (beta d_in * (T^T dVnew))     (W^T dVnew)
+
+One program (one warpgroup) per (batch * value head, value tile of BV columns). Its state tile lives
+in registers as a wgmma accumulator and is copied to shared memory in the matmul dtype once per chunk;
+every product is a wgmma on shared-memory operands. The interpret mode of jax >= 0.12 runs the same
+kernels on a CPU (it supports neither register operands nor pre-initialised accumulators, which is
+why each product starts from a zero accumulator and is added to its scaled carry).
+
+Shapes follow the Triton kernels' chunked layouts (kernels_pallas/layout.py); the gates go in as
+[B, HV, T] rows, since a TMA copy needs a contiguous minor dimension.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels_pallas.layout import Tiling
+
+try:  # Mosaic GPU ships with every supported jax; its interpret mode only with jax >= 0.12.
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+CHUNK = 64  # wgmma's M: the chunk is one 64-row tile
+
+
+def interpret_supported() -> bool:
+    return plgpu is not None and hasattr(plgpu, "InterpretGPUParams")
+
+
+def unsupported_reason(*, C, K, V, BV, dtype) -> str | None:
+    """Why a call (chunk size C, head dims K, V as the kernels see them, value tile BV, input dtype)
+    cannot run on the Mosaic sweeps, or None if it can."""
+    if plgpu is None:
+        return "this jax has no Mosaic GPU Pallas backend"
+    if C != CHUNK:
+        return f"chunk_size must be {CHUNK} (one wgmma tile), got {C}"
+    if jnp.dtype(dtype).itemsize != 2:
+        return f"q, k, v must be bfloat16 or float16 (wgmma operands), got {jnp.dtype(dtype).name}"
+    if K % 64 or BV % 64 or V % BV:
+        return f"head dims and block_v must be multiples of 64 (got K={K}, V={V}, block_v={BV})"
+    return None
+
+
+def _launch(t: Tiling):
+    kw = {}
+    if t.interpret:
+        kw["interpret"] = plgpu.InterpretGPUParams()
+    return kw
+
+
+def _tile_transforms():
+    # 128-byte rows of 64 bf16 values, swizzled: the layout wgmma reads without bank conflicts.
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _mm(a, b, shape):
+    """a @ b on the tensor cores into a fresh float32 accumulator (a, b in shared memory)."""
+    def run(acc):
+        plgpu.wgmma(acc, a, b)
+        return acc[...]
+    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
+def _mms(*products):
+    """Independent products issued together and waited for once. Each product is
+    (shape, [(a1, b1), (a2, b2), ...]): the sum of a_i @ b_i in one float32 accumulator."""
+    def run(*accs):
+        for acc, (_, pairs) in zip(accs, products):
+            for a, b in pairs:
+                plgpu.wgmma(acc, a, b)
+        return tuple(acc[...] for acc in accs)
+    return pl.run_scoped(run, *(plgpu.ACC(shape, jnp.float32) for shape, _ in products))
+
+
+class _Chunk:
+    """The decays of one chunk in wgmma register layouts, from its G (in-chunk cumulative log-decay)
+    and, with documents, rel (document index relative to the one the entering state belongs to).
+    Masks are applied before every exp, so no masked entry can overflow."""
+
+    def __init__(self, G_s, rel_s):
+        C = CHUNK
+        row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+        self.G_row = plgpu.load(G_s, layout=row_l)
+        self.G_col = plgpu.load(G_s, layout=col_l)
+        self.G_last = G_s[C - 1]
+        rows = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=plgpu.Layout.WGMMA)
+        cols = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=plgpu.Layout.WGMMA)
+        self.lower = cols <= rows                       # j <= r
+        self.upper = rows <= cols                       # r <= j (the transpose's support)
+        keep_in = keep_out = None
+        keep_chunk = True
+        if rel_s is not None:
+            r_row = plgpu.load(rel_s, layout=row_l)
+            r_col = plgpu.load(rel_s, layout=col_l)
+            rel_last = rel_s[C - 1]
+            same = self.row(r_row, C) == self.col(r_col, C)
+            self.lower = self.lower & same
+            self.upper = self.upper & same
+            keep_in, keep_out, keep_chunk = r_row == 0.0, r_row == rel_last, rel_last == 0.0
+        self.d_in = self._masked_exp(self.G_row, keep_in)
+        self.d_out = self._masked_exp(self.G_last - self.G_row, keep_out)
+        self.d_chunk = jnp.where(keep_chunk, jnp.exp(self.G_last), 0.0)
+
+    @staticmethod
+    def _masked_exp(x, keep):
+        return jnp.exp(x) if keep is None else jnp.exp(jnp.where(keep, x, -jnp.inf))
+
+    @staticmethod
+    def row(x, width):
+        """[C] per-row vector broadcast to [C, width]."""
+        return lax.broadcast_in_dim(x, (CHUNK, width), [0])
+
+    @staticmethod
+    def col(x, rows):
+        """[C] per-column vector broadcast to [rows, C]."""
+        return lax.broadcast_in_dim(x, (rows, CHUNK), [1])
+
+    def gamma(self):
+        """Gamma_rj = exp(G_r - G_j) for j <= r in one document, else 0."""
+        diff = self.row(self.G_row, CHUNK) - self.col(self.G_col, CHUNK)
+        return jnp.exp(jnp.where(self.lower, diff, -jnp.inf))
+
+    def gamma_t(self):
+        """Gamma^T: entry (j, r) = Gamma_rj."""
+        diff = self.col(self.G_col, CHUNK) - self.row(self.G_row, CHUNK)
+        return jnp.exp(jnp.where(self.upper, diff, -jnp.inf))
+
+
+def _rows_by_head(x, t: Tiling):
+    """[B, N, C, HV] -> [B, HV, T] float32 rows (TMA needs the time axis contiguous)."""
+    return jnp.moveaxis(x.reshape(t.B, t.N * t.C, t.HV), 1, 2).astype(jnp.float32)
+
+
+def gate_rows(g, beta, docs, t: Tiling):
+    """G (in-chunk cumsum of g) and beta as [B, HV, T] rows, and with documents rel [B, T]: each
+    position's document index counted from the one the entering state belongs to (0: the state
+    reaches it). From the chunk's own doc and reach_in (kernels_pallas.gated_delta_rule.document_masks),
+    so it stays right when the chunks are regrouped into sequence segments."""
+    G = _rows_by_head(jnp.cumsum(g, axis=2), t)
+    beta_rows = _rows_by_head(beta, t)
+    rel = None
+    if docs:
+        doc, reach_in = docs[0], docs[1]  # [B, N, C]
+        rel = doc - doc[..., :1] + (1 - reach_in[..., :1].astype(doc.dtype))
+        rel = rel.reshape(t.B, t.N * t.C).astype(jnp.float32)
+    return G, beta_rows, rel
+
+
+def _flat(x):
+    """[B, N, C, heads, D] -> [B, T, heads, D]."""
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out_dtype=None):
+    """The forward pass across chunks (T-form), grid (B*HV, V/BV).
+
+    mode "output":    returns (o [B,N,C,HV,V] in out_dtype, final state [B,HV,K,V] f32)
+    mode "residuals": returns (final state, states entering each chunk [B,N,HV,K,V], Vnew [B,N,C,HV,V]),
+                      those two in the matmul dtype (the backward's operands)
+    mode "final":     returns the final state only (context parallelism's first pass)
+    """
+    C, K, V, BV, N = t.C, t.K, t.V, t.BV, t.N
+    dt = k.dtype
+    tf = _tile_transforms()
+    G, beta_rows, rel = gate_rows(g, beta, docs, t)
+    has_docs = rel is not None
+    with_o, with_res = mode == "output", mode == "residuals"
+    stages = t.mosaic_stages
+
+    def body(*refs):
+        it = iter(refs)
+        q_ref = next(it) if with_o else None
+        k_ref, v_ref, T_ref, G_ref, beta_ref = (next(it) for _ in range(5))
+        rel_ref = next(it) if has_docs else None
+        s0_ref = next(it)
+        o_ref = next(it) if with_o else None
+        sT_ref = next(it)
+        sin_ref, vn_out_ref = (next(it), next(it)) if with_res else (None, None)
+        s_smem, x_smem, st_smem, bar = (next(it) for _ in range(4))
+        vn_smem, p_smem, o_smem = (next(it), next(it), next(it)) if with_o else (None, None, None)
+        vno_smem = next(it) if with_res else None
+
+        bh, j = lax.axis_index("bh"), lax.axis_index("vt")
+        b, hv = bh // t.HV, bh % t.HV
+        h = hv // t.group
+        vs = pl.ds(j * BV, BV)
+        plgpu.copy_gmem_to_smem(s0_ref.at[b, hv, :, vs], st_smem, bar)
+        plgpu.barrier_wait(bar)
+        S0 = plgpu.load(st_smem, layout=plgpu.Layout.WGMMA)
+
+        def step(idx, *stage_refs):
+            n = idx[0]
+            stage_refs, S = stage_refs[:-1], stage_refs[-1]
+            it_s = iter(stage_refs)
+            q_s = next(it_s) if with_o else None
+            k_s, v_s, T_s, G_s, beta_s = (next(it_s) for _ in range(5))
+            rel_s = next(it_s) if has_docs else None
+            slot = n % 2
+            if with_res or with_o:
+                # The copies out of the slot written two chunks ago must have read it.
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            s_buf = s_smem.at[slot] if with_res else s_smem
+            s_buf[...] = S.astype(dt)
+            plgpu.commit_smem()
+            if with_o:
+                KS, QS, QK = _mms(((C, BV), [(k_s, s_buf)]), ((C, BV), [(q_s, s_buf)]),
+                                  ((C, C), [(q_s, k_s.T)]))
+            else:
+                KS = _mm(k_s, s_buf, (C, BV))
+            if with_res:  # the state entering chunk n
+                plgpu.copy_smem_to_gmem(s_buf, sin_ref.at[b, n, hv, :, vs], commit_group=False)
+            ch = _Chunk(G_s, rel_s)
+            beta_r = ch.row(plgpu.load(beta_s, layout=plgpu.Layout.WGMMA.reduce(1)), BV)
+            v_c = plgpu.load(v_s, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+            x_smem[...] = (beta_r * (v_c - ch.row(ch.d_in, BV) * KS)).astype(dt)
+            plgpu.commit_smem()
+            vnew = _mm(T_s, x_smem, (C, BV))
+            if with_res:
+                vno_smem.at[slot][...] = vnew.astype(dt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(vno_smem.at[slot], vn_out_ref.at[b, pl.ds(n * C, C), hv, vs],
+                                        commit_group=False)
+                plgpu.commit_smem_to_gmem_group()
+            if with_o:
+                vn_smem[...] = vnew.astype(dt)
+                p_smem[...] = (QK * ch.gamma() * t.scale).astype(dt)
+                plgpu.commit_smem()
+                o = ch.row(ch.d_in * t.scale, BV) * QS + _mm(p_smem, vn_smem, (C, BV))
+                o_smem.at[slot][...] = o.astype(o_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[slot], o_ref.at[b, pl.ds(n * C, C), hv, vs])
+            x_smem[...] = (ch.row(ch.d_out, BV) * vnew).astype(dt)
+            plgpu.commit_smem()
+            return ch.d_chunk * S + _mm(k_s.T, x_smem, (K, BV))
+
+        gate_spec = plgpu.BlockSpec((C,), lambda n: (n,))
+        in_specs = ([plgpu.BlockSpec((C, K), lambda n: (n, 0), transforms=tf)] * (1 + with_o)
+                    + [plgpu.BlockSpec((C, BV), lambda n: (n, 0), transforms=tf),
+                       plgpu.BlockSpec((C, C), lambda n: (n, 0), transforms=tf),
+                       gate_spec, gate_spec] + [gate_spec] * has_docs)
+        srcs = ([q_ref.at[b, :, h, :]] if with_o else []) + [
+            k_ref.at[b, :, h, :], v_ref.at[b, :, hv, vs], T_ref.at[b, :, hv, :],
+            G_ref.at[b, hv, :], beta_ref.at[b, hv, :]] + ([rel_ref.at[b, :]] if has_docs else [])
+        S = plgpu.emit_pipeline(step, grid=(N,), in_specs=in_specs, max_concurrent_steps=stages,
+                                init_carry=S0)(*srcs)
+        st_smem[...] = S
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(st_smem, sT_ref.at[b, hv, :, vs])
+        plgpu.wait_smem_to_gmem(0)
+
+    state = jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)
+    out_type = ([jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), out_dtype)] if with_o else []) + [state]
+    if with_res:
+        out_type += [jax.ShapeDtypeStruct((t.B, N, t.HV, K, V), dt),
+                     jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), dt)]
+    scratch = [plgpu.SMEM((2, K, BV) if with_res else (K, BV), dt, transforms=tf),
+               plgpu.SMEM((C, BV), dt, transforms=tf),
+               plgpu.SMEM((K, BV), jnp.float32), plgpu.Barrier()]
+    if with_o:
+        scratch += [plgpu.SMEM((C, BV), dt, transforms=tf), plgpu.SMEM((C, C), dt, transforms=tf),
+                    plgpu.SMEM((2, C, BV), out_dtype, transforms=tf)]
+    if with_res:
+        scratch += [plgpu.SMEM((2, C, BV), dt, transforms=tf)]
+    args = ([_flat(q)] if with_o else []) + [_flat(k), _flat(v), _flat(T), G, beta_rows]
+    args += ([rel] if has_docs else []) + [initial_state]
+    outs = plgpu.kernel(body, out_type=out_type, scratch_types=scratch,
+                        grid=(t.B * t.HV, V // BV), grid_names=("bh", "vt"),
+                        kernel_name=f"gdn_mosaic_sweep_{mode}", **_launch(t))(*args)
+    chunked = lambda x: x.reshape(t.B, N, C, *x.shape[2:])
+    if with_o:
+        return chunked(outs[0]), outs[1]
+    if with_res:
+        return outs[0], outs[1], chunked(outs[2])
+    return outs[0]
+
+
+def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str):
+    """The backward pass across chunks (T-form), chunks from last to first, grid (B*HV, V/BV). It also
+    forms dVnew's chunk-local part (scale K Q^T * Gamma^T) dO, which the Triton path does apart.
+
+    mode "full":  returns (dS leaving each chunk [B,N,HV,K,V], dVnew [B,N,C,HV,V], both in the matmul
+                  dtype, and the float32 gradient of the initial state)
+    mode "final": returns the gradient of the initial state only (context parallelism's first pass)
+    """
+    C, K, V, BV, N = t.C, t.K, t.V, t.BV, t.N
+    dt = k.dtype
+    tf = _tile_transforms()
+    G, beta_rows, rel = gate_rows(g, beta, docs, t)
+    has_docs = rel is not None
+    full = mode == "full"
+
+    def body(*refs):
+        it = iter(refs)
+        q_ref, k_ref, do_ref, T_ref, G_ref, beta_ref = (next(it) for _ in range(6))
+        rel_ref = next(it) if has_docs else None
+        dsT_ref = next(it)
+        ds_out_ref, dvn_out_ref = (next(it), next(it)) if full else (None, None)
+        ds0_ref = next(it)
+        ds_smem, pt_smem, dvn_smem, z_smem, dos_smem, st_smem, bar = (next(it) for _ in range(7))
+        dvo_smem = next(it) if full else None
+
+        bh, j = lax.axis_index("bh"), lax.axis_index("vt")
+        b, hv = bh // t.HV, bh % t.HV
+        h = hv // t.group
+        vs = pl.ds(j * BV, BV)
+        plgpu.copy_gmem_to_smem(dsT_ref.at[b, hv, :, vs], st_smem, bar)
+        plgpu.barrier_wait(bar)
+        dS0 = plgpu.load(st_smem, layout=plgpu.Layout.WGMMA)
+
+        def step(idx, *stage_refs):
+            n = N - 1 - idx[0]
+            stage_refs, dS = stage_refs[:-1], stage_refs[-1]
+            q_s, k_s, do_s, T_s, G_s, beta_s = stage_refs[:6]
+            rel_s = stage_refs[6] if has_docs else None
+            slot = idx[0] % 2
+            ch = _Chunk(G_s, rel_s)
+            if full:
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            ds_buf = ds_smem.at[slot] if full else ds_smem
+            ds_buf[...] = dS.astype(dt)
+            do_c = plgpu.load(do_s, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+            dos_smem[...] = (ch.row(ch.d_in * t.scale, BV) * do_c).astype(dt)
+            plgpu.commit_smem()
+            if full:  # dL/dS leaving chunk n
+                plgpu.copy_smem_to_gmem(ds_buf, ds_out_ref.at[b, n, hv, :, vs], commit_group=False)
+            KdS, KQ, QtdO = _mms(((C, BV), [(k_s, ds_buf)]), ((C, C), [(k_s, q_s.T)]),
+                                 ((K, BV), [(q_s.T, dos_smem)]))
+            pt_smem[...] = (KQ * ch.gamma_t() * t.scale).astype(dt)
+            plgpu.commit_smem()
+            dvn = ch.row(ch.d_out, BV) * KdS + _mm(pt_smem, do_s, (C, BV))
+            dvn_smem[...] = dvn.astype(dt)
+            plgpu.commit_smem()
+            if full:
+                dvo_smem.at[slot][...] = dvn.astype(dt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(dvo_smem.at[slot], dvn_out_ref.at[b, pl.ds(n * C, C), hv, vs],
+                                        commit_group=False)
+                plgpu.commit_smem_to_gmem_group()
+            Y = _mm(T_s.T, dvn_smem, (C, BV))                   # T^T dVnew
+            beta_r = ch.row(plgpu.load(beta_s, layout=plgpu.Layout.WGMMA.reduce(1)), BV)
+            z_smem[...] = (-(beta_r * ch.row(ch.d_in, BV)) * Y).astype(dt)
+            plgpu.commit_smem()
+            return ch.d_chunk * dS + QtdO + _mm(k_s.T, z_smem, (K, BV))
+
+        rev = lambda i: (N - 1 - i, 0)
+        gate_spec = plgpu.BlockSpec((C,), lambda i: (N - 1 - i,))
+        in_specs = [plgpu.BlockSpec((C, K), rev, transforms=tf)] * 2 + [
+            plgpu.BlockSpec((C, BV), rev, transforms=tf), plgpu.BlockSpec((C, C), rev, transforms=tf),
+            gate_spec, gate_spec] + [gate_spec] * has_docs
+        srcs = [q_ref.at[b, :, h, :], k_ref.at[b, :, h, :], do_ref.at[b, :, hv, vs], T_ref.at[b, :, hv, :],
+                G_ref.at[b, hv, :], beta_ref.at[b, hv, :]] + ([rel_ref.at[b, :]] if has_docs else [])
+        dS = plgpu.emit_pipeline(step, grid=(N,), in_specs=in_specs, max_concurrent_steps=t.mosaic_stages,
+                                 init_carry=dS0)(*srcs)
+        st_smem[...] = dS
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(st_smem, ds0_ref.at[b, hv, :, vs])
+        plgpu.wait_smem_to_gmem(0)
+
+    state = jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)
+    out_type = ([jax.ShapeDtypeStruct((t.B, N, t.HV, K, V), dt),
+                 jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), dt)] if full else []) + [state]
+    scratch = [plgpu.SMEM((2, K, BV) if full else (K, BV), dt, transforms=tf),
+               plgpu.SMEM((C, C), dt, transforms=tf), plgpu.SMEM((C, BV), dt, transforms=tf),
+               plgpu.SMEM((C, BV), dt, transforms=tf), plgpu.SMEM((C, BV), dt, transforms=tf),
+               plgpu.SMEM((K, BV), jnp.float32), plgpu.Barrier()]
+    if full:
+        scratch += [plgpu.SMEM((2, C, BV), dt, transforms=tf)]
+    args = [_flat(q), _flat(k), _flat(do.astype(dt)), _flat(T), G, beta_rows]
+    args += ([rel] if has_docs else []) + [dS_final]
+    outs = plgpu.kernel(body, out_type=out_type, scratch_types=scratch,
+                        grid=(t.B * t.HV, V // BV), grid_names=("bh", "vt"),
+                        kernel_name=f"gdn_mosaic_reverse_{mode}", **_launch(t))(*args)
+    if full:
+        return outs[0], outs[1].reshape(t.B, N, C, *outs[1].shape[2:]), outs[2]
+    return outs[0]
