@@ -66,9 +66,10 @@ def _launch(t: Tiling):
     return kw
 
 
-def _tile_transforms():
-    # 128-byte rows of 64 bf16 values, swizzled: the layout wgmma reads without bank conflicts.
-    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+def _tile_transforms(dtype=jnp.bfloat16):
+    # Tiles of 8 rows of 128 bytes, swizzled: the layout wgmma and TMA use without bank conflicts.
+    row = 128 // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, row)), plgpu.SwizzleTransform(128))
 
 
 def _mm(a, b, shape):
@@ -88,6 +89,29 @@ def _mms(*products):
                 plgpu.wgmma(acc, a, b)
         return tuple(acc[...] for acc in accs)
     return pl.run_scoped(run, *(plgpu.ACC(shape, jnp.float32) for shape, _ in products))
+
+
+def _state_buffer(shape):
+    return plgpu.SMEM(shape, jnp.float32, transforms=_tile_transforms(jnp.float32))
+
+
+def _load_state(src):
+    """A float32 [K, BV] state tile from global memory into wgmma registers. Its staging buffer is
+    scoped to this load, so the pipeline that follows reuses the shared memory."""
+    def run(buf, bar):
+        plgpu.copy_gmem_to_smem(src, buf, bar)
+        plgpu.barrier_wait(bar)
+        return plgpu.load(buf, layout=plgpu.Layout.WGMMA)
+    return pl.run_scoped(run, _state_buffer(src.shape), plgpu.Barrier())
+
+
+def _store_state(S, dst):
+    def run(buf):
+        buf[...] = S
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf, dst)
+        plgpu.wait_smem_to_gmem(0)
+    pl.run_scoped(run, _state_buffer(dst.shape))
 
 
 class _Chunk:
@@ -194,7 +218,7 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
         o_ref = next(it) if with_o else None
         sT_ref = next(it)
         sin_ref, vn_out_ref = (next(it), next(it)) if with_res else (None, None)
-        s_smem, x_smem, st_smem, bar = (next(it) for _ in range(4))
+        s_smem, x_smem = next(it), next(it)
         vn_smem, p_smem, o_smem = (next(it), next(it), next(it)) if with_o else (None, None, None)
         vno_smem = next(it) if with_res else None
 
@@ -202,9 +226,7 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
         b, hv = bh // t.HV, bh % t.HV
         h = hv // t.group
         vs = pl.ds(j * BV, BV)
-        plgpu.copy_gmem_to_smem(s0_ref.at[b, hv, :, vs], st_smem, bar)
-        plgpu.barrier_wait(bar)
-        S0 = plgpu.load(st_smem, layout=plgpu.Layout.WGMMA)
+        S0 = _load_state(s0_ref.at[b, hv, :, vs])
 
         def step(idx, *stage_refs):
             n = idx[0]
@@ -261,10 +283,8 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
             G_ref.at[b, hv, :], beta_ref.at[b, hv, :]] + ([rel_ref.at[b, :]] if has_docs else [])
         S = plgpu.emit_pipeline(step, grid=(N,), in_specs=in_specs, max_concurrent_steps=stages,
                                 init_carry=S0)(*srcs)
-        st_smem[...] = S
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(st_smem, sT_ref.at[b, hv, :, vs])
         plgpu.wait_smem_to_gmem(0)
+        _store_state(S, sT_ref.at[b, hv, :, vs])
 
     state = jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)
     out_type = ([jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), out_dtype)] if with_o else []) + [state]
@@ -272,8 +292,7 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
         out_type += [jax.ShapeDtypeStruct((t.B, N, t.HV, K, V), dt),
                      jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), dt)]
     scratch = [plgpu.SMEM((2, K, BV) if with_res else (K, BV), dt, transforms=tf),
-               plgpu.SMEM((C, BV), dt, transforms=tf),
-               plgpu.SMEM((K, BV), jnp.float32), plgpu.Barrier()]
+               plgpu.SMEM((C, BV), dt, transforms=tf)]
     if with_o:
         scratch += [plgpu.SMEM((C, BV), dt, transforms=tf), plgpu.SMEM((C, C), dt, transforms=tf),
                     plgpu.SMEM((2, C, BV), out_dtype, transforms=tf)]
@@ -314,16 +333,14 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
         dsT_ref = next(it)
         ds_out_ref, dvn_out_ref = (next(it), next(it)) if full else (None, None)
         ds0_ref = next(it)
-        ds_smem, pt_smem, dvn_smem, z_smem, dos_smem, st_smem, bar = (next(it) for _ in range(7))
+        ds_smem, pt_smem, dvn_smem, z_smem, dos_smem = (next(it) for _ in range(5))
         dvo_smem = next(it) if full else None
 
         bh, j = lax.axis_index("bh"), lax.axis_index("vt")
         b, hv = bh // t.HV, bh % t.HV
         h = hv // t.group
         vs = pl.ds(j * BV, BV)
-        plgpu.copy_gmem_to_smem(dsT_ref.at[b, hv, :, vs], st_smem, bar)
-        plgpu.barrier_wait(bar)
-        dS0 = plgpu.load(st_smem, layout=plgpu.Layout.WGMMA)
+        dS0 = _load_state(dsT_ref.at[b, hv, :, vs])
 
         def step(idx, *stage_refs):
             n = N - 1 - idx[0]
@@ -369,18 +386,15 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
                 G_ref.at[b, hv, :], beta_ref.at[b, hv, :]] + ([rel_ref.at[b, :]] if has_docs else [])
         dS = plgpu.emit_pipeline(step, grid=(N,), in_specs=in_specs, max_concurrent_steps=t.mosaic_stages,
                                  init_carry=dS0)(*srcs)
-        st_smem[...] = dS
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(st_smem, ds0_ref.at[b, hv, :, vs])
         plgpu.wait_smem_to_gmem(0)
+        _store_state(dS, ds0_ref.at[b, hv, :, vs])
 
     state = jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)
     out_type = ([jax.ShapeDtypeStruct((t.B, N, t.HV, K, V), dt),
                  jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), dt)] if full else []) + [state]
     scratch = [plgpu.SMEM((2, K, BV) if full else (K, BV), dt, transforms=tf),
                plgpu.SMEM((C, C), dt, transforms=tf), plgpu.SMEM((C, BV), dt, transforms=tf),
-               plgpu.SMEM((C, BV), dt, transforms=tf), plgpu.SMEM((C, BV), dt, transforms=tf),
-               plgpu.SMEM((K, BV), jnp.float32), plgpu.Barrier()]
+               plgpu.SMEM((C, BV), dt, transforms=tf), plgpu.SMEM((C, BV), dt, transforms=tf)]
     if full:
         scratch += [plgpu.SMEM((2, C, BV), dt, transforms=tf)]
     args = [_flat(q), _flat(k), _flat(do.astype(dt)), _flat(T), G, beta_rows]
