@@ -114,16 +114,30 @@ def _store_state(S, dst):
     pl.run_scoped(run, _state_buffer(dst.shape))
 
 
+def _gate_specs(index_map, has_docs):
+    """Pipeline specs of a chunk's gate vectors: G twice, beta, and with documents rel twice. Each
+    shared-memory buffer is read in one register layout only (Mosaic's layout inference), so the
+    vectors needed both per row and per column arrive twice."""
+    return [plgpu.BlockSpec((CHUNK,), index_map)] * (3 + 2 * has_docs)
+
+
+def _gate_srcs(G_ref, beta_ref, rel_ref, b, hv):
+    G = G_ref.at[b, hv, :]
+    return [G, G, beta_ref.at[b, hv, :]] + ([rel_ref.at[b, :]] * 2 if rel_ref is not None else [])
+
+
 class _Chunk:
     """The decays of one chunk in wgmma register layouts, from its G (in-chunk cumulative log-decay)
-    and, with documents, rel (document index relative to the one the entering state belongs to).
-    Masks are applied before every exp, so no masked entry can overflow."""
+    and, with documents, rel (document index relative to the one the entering state belongs to),
+    given as the buffers of `_gate_specs` (beta's is read by the sweeps). Masks are applied before
+    every exp, so no masked entry can overflow."""
 
-    def __init__(self, G_s, rel_s):
+    def __init__(self, gates):
         C = CHUNK
+        G_s, Gc_s, self.beta_s, *rels = gates
         row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
         self.G_row = plgpu.load(G_s, layout=row_l)
-        self.G_col = plgpu.load(G_s, layout=col_l)
+        self.G_col = plgpu.load(Gc_s, layout=col_l)
         self.G_last = G_s[C - 1]
         rows = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=plgpu.Layout.WGMMA)
         cols = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=plgpu.Layout.WGMMA)
@@ -131,10 +145,10 @@ class _Chunk:
         self.upper = rows <= cols                       # r <= j (the transpose's support)
         keep_in = keep_out = None
         keep_chunk = True
-        if rel_s is not None:
-            r_row = plgpu.load(rel_s, layout=row_l)
-            r_col = plgpu.load(rel_s, layout=col_l)
-            rel_last = rel_s[C - 1]
+        if rels:
+            r_row = plgpu.load(rels[0], layout=row_l)
+            r_col = plgpu.load(rels[1], layout=col_l)
+            rel_last = rels[0][C - 1]
             same = self.row(r_row, C) == self.col(r_col, C)
             self.lower = self.lower & same
             self.upper = self.upper & same
@@ -142,6 +156,10 @@ class _Chunk:
         self.d_in = self._masked_exp(self.G_row, keep_in)
         self.d_out = self._masked_exp(self.G_last - self.G_row, keep_out)
         self.d_chunk = jnp.where(keep_chunk, jnp.exp(self.G_last), 0.0)
+
+    def beta(self, width):
+        """beta per row, broadcast to [C, width]."""
+        return self.row(plgpu.load(self.beta_s, layout=plgpu.Layout.WGMMA.reduce(1)), width)
 
     @staticmethod
     def _masked_exp(x, keep):
@@ -233,8 +251,8 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
             stage_refs, S = stage_refs[:-1], stage_refs[-1]
             it_s = iter(stage_refs)
             q_s = next(it_s) if with_o else None
-            k_s, v_s, T_s, G_s, beta_s = (next(it_s) for _ in range(5))
-            rel_s = next(it_s) if has_docs else None
+            k_s, v_s, T_s = next(it_s), next(it_s), next(it_s)
+            gates = list(it_s)
             slot = n % 2
             if with_res or with_o:
                 # The copies out of the slot written two chunks ago must have read it.
@@ -249,8 +267,8 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
                 KS = _mm(k_s, s_buf, (C, BV))
             if with_res:  # the state entering chunk n
                 plgpu.copy_smem_to_gmem(s_buf, sin_ref.at[b, n, hv, :, vs], commit_group=False)
-            ch = _Chunk(G_s, rel_s)
-            beta_r = ch.row(plgpu.load(beta_s, layout=plgpu.Layout.WGMMA.reduce(1)), BV)
+            ch = _Chunk(gates)
+            beta_r = ch.beta(BV)
             v_c = plgpu.load(v_s, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
             x_smem[...] = (beta_r * (v_c - ch.row(ch.d_in, BV) * KS)).astype(dt)
             plgpu.commit_smem()
@@ -273,14 +291,13 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
             plgpu.commit_smem()
             return ch.d_chunk * S + _mm(k_s.T, x_smem, (K, BV))
 
-        gate_spec = plgpu.BlockSpec((C,), lambda n: (n,))
         in_specs = ([plgpu.BlockSpec((C, K), lambda n: (n, 0), transforms=tf)] * (1 + with_o)
                     + [plgpu.BlockSpec((C, BV), lambda n: (n, 0), transforms=tf),
-                       plgpu.BlockSpec((C, C), lambda n: (n, 0), transforms=tf),
-                       gate_spec, gate_spec] + [gate_spec] * has_docs)
+                       plgpu.BlockSpec((C, C), lambda n: (n, 0), transforms=tf)]
+                    + _gate_specs(lambda n: (n,), has_docs))
         srcs = ([q_ref.at[b, :, h, :]] if with_o else []) + [
             k_ref.at[b, :, h, :], v_ref.at[b, :, hv, vs], T_ref.at[b, :, hv, :],
-            G_ref.at[b, hv, :], beta_ref.at[b, hv, :]] + ([rel_ref.at[b, :]] if has_docs else [])
+            *_gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]
         S = plgpu.emit_pipeline(step, grid=(N,), in_specs=in_specs, max_concurrent_steps=stages,
                                 init_carry=S0)(*srcs)
         plgpu.wait_smem_to_gmem(0)
@@ -345,10 +362,10 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
         def step(idx, *stage_refs):
             n = N - 1 - idx[0]
             stage_refs, dS = stage_refs[:-1], stage_refs[-1]
-            q_s, k_s, do_s, T_s, G_s, beta_s = stage_refs[:6]
-            rel_s = stage_refs[6] if has_docs else None
+            q_s, k_s, do_s, T_s = stage_refs[:4]
+            gates = stage_refs[4:]
             slot = idx[0] % 2
-            ch = _Chunk(G_s, rel_s)
+            ch = _Chunk(gates)
             if full:
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)
             ds_buf = ds_smem.at[slot] if full else ds_smem
@@ -372,18 +389,17 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
                                         commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
             Y = _mm(T_s.T, dvn_smem, (C, BV))                   # T^T dVnew
-            beta_r = ch.row(plgpu.load(beta_s, layout=plgpu.Layout.WGMMA.reduce(1)), BV)
+            beta_r = ch.beta(BV)
             z_smem[...] = (-(beta_r * ch.row(ch.d_in, BV)) * Y).astype(dt)
             plgpu.commit_smem()
             return ch.d_chunk * dS + QtdO + _mm(k_s.T, z_smem, (K, BV))
 
         rev = lambda i: (N - 1 - i, 0)
-        gate_spec = plgpu.BlockSpec((C,), lambda i: (N - 1 - i,))
         in_specs = [plgpu.BlockSpec((C, K), rev, transforms=tf)] * 2 + [
             plgpu.BlockSpec((C, BV), rev, transforms=tf), plgpu.BlockSpec((C, C), rev, transforms=tf),
-            gate_spec, gate_spec] + [gate_spec] * has_docs
+            *_gate_specs(lambda i: (N - 1 - i,), has_docs)]
         srcs = [q_ref.at[b, :, h, :], k_ref.at[b, :, h, :], do_ref.at[b, :, hv, vs], T_ref.at[b, :, hv, :],
-                G_ref.at[b, hv, :], beta_ref.at[b, hv, :]] + ([rel_ref.at[b, :]] if has_docs else [])
+                *_gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]
         dS = plgpu.emit_pipeline(step, grid=(N,), in_specs=in_specs, max_concurrent_steps=t.mosaic_stages,
                                  init_carry=dS0)(*srcs)
         plgpu.wait_smem_to_gmem(0)
