@@ -307,6 +307,8 @@ def main():
     p.add_argument("--variants", default="triton,mosaic", help="see parse_variants")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--features", action="store_true",
+                   help="also check GVA, documents, initial state and non-pow2 heads against scan")
     p.add_argument("--no-chunk", action="store_true", help="skip timing the plain-XLA chunk path")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--flashqla-site", default=None, help="folder with FlashQLA + TileLang unpacked")
@@ -320,7 +322,7 @@ def main():
         return flashqla_child(names, args.iters, os.path.join(args.out or "/tmp", "flashqla.json"))
     variants = parse_variants(args.variants)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-    if not args.no_check:
+    if args.features:
         for backend in dict.fromkeys(v[1]["sweeps"] for v in variants):
             try:
                 print(f"pallas_{backend} vs scan (GVA, documents, initial state, T=1000, K=100, V=200):",
