@@ -55,6 +55,7 @@ def unsupported_reason(*, C, K, V, BV, dtype) -> str | None:
     if jnp.dtype(dtype).itemsize != 2:
         return f"q, k, v must be bfloat16 or float16 (wgmma operands), got {jnp.dtype(dtype).name}"
     if K % 64 or BV % 64 or V % BV:
+        # block_v 32 (64-byte rows) fails Mosaic's layout inference in jax 0.11 and 0.12.
         return f"head dims and block_v must be multiples of 64 (got K={K}, V={V}, block_v={BV})"
     return None
 
@@ -66,33 +67,35 @@ def _launch(t: Tiling):
     return kw
 
 
-def _tile_transforms(dtype=jnp.bfloat16):
-    # Tiles of 8 rows of 128 bytes, swizzled: the layout wgmma and TMA use without bank conflicts.
-    row = 128 // jnp.dtype(dtype).itemsize
-    return (plgpu.TilingTransform((8, row)), plgpu.SwizzleTransform(128))
+def _tile(shape, dtype):
+    """A shared-memory tile of this shape in the swizzled layout wgmma and TMA use without bank
+    conflicts: tiles of 8 rows of (at most) 128 bytes."""
+    width = min(128, shape[-1] * jnp.dtype(dtype).itemsize)
+    return plgpu.SMEM(shape, dtype, transforms=(
+        plgpu.TilingTransform((8, width // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(width)))
 
 
-def _mm(a, b, shape):
-    """a @ b on the tensor cores into a fresh float32 accumulator (a, b in shared memory)."""
-    def run(acc):
-        plgpu.wgmma(acc, a, b)
-        return acc[...]
-    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+def _spec(shape, index_map):
+    """A pipelined bf16 [rows, cols] tile (the matmul dtype; the transforms depend only on its width)."""
+    return plgpu.BlockSpec(shape, index_map, transforms=_tile(shape, jnp.bfloat16).transforms)
 
 
-def _mms(*products):
+def _mms(*products, overlap=None):
     """Independent products issued together and waited for once. Each product is
-    (shape, [(a1, b1), (a2, b2), ...]): the sum of a_i @ b_i in one float32 accumulator."""
+    (shape, [(a1, b1), (a2, b2), ...]): the sum of a_i @ b_i in one float32 accumulator.
+    overlap: register work run while the tensor cores are busy; returns (products, its result)."""
     def run(*accs):
         for acc, (_, pairs) in zip(accs, products):
             for a, b in pairs:
                 plgpu.wgmma(acc, a, b)
-        return tuple(acc[...] for acc in accs)
-    return pl.run_scoped(run, *(plgpu.ACC(shape, jnp.float32) for shape, _ in products))
+        extra = overlap() if overlap is not None else None
+        return tuple(acc[...] for acc in accs), extra
+    out, extra = pl.run_scoped(run, *(plgpu.ACC(shape, jnp.float32) for shape, _ in products))
+    return out if overlap is None else (out, extra)
 
 
 def _state_buffer(shape):
-    return plgpu.SMEM(shape, jnp.float32, transforms=_tile_transforms(jnp.float32))
+    return _tile(shape, jnp.float32)
 
 
 def _load_state(src):
@@ -221,7 +224,6 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
     """
     C, K, V, BV, N = t.C, t.K, t.V, t.BV, t.N
     dt = k.dtype
-    tf = _tile_transforms()
     G, beta_rows, rel = gate_rows(g, beta, docs, t)
     has_docs = rel is not None
     with_o, with_res = mode == "output", mode == "residuals"
@@ -252,7 +254,7 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
             it_s = iter(stage_refs)
             q_s = next(it_s) if with_o else None
             k_s, v_s, T_s = next(it_s), next(it_s), next(it_s)
-            gates = list(it_s)
+            ch = _Chunk(list(it_s))
             slot = n % 2
             if with_res or with_o:
                 # The copies out of the slot written two chunks ago must have read it.
@@ -260,40 +262,46 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
             s_buf = s_smem.at[slot] if with_res else s_smem
             s_buf[...] = S.astype(dt)
             plgpu.commit_smem()
+            # Three waits per chunk: [K S, Q S, Q K^T] -> [T X] -> [P Vnew, K^T (d_out Vnew)], with
+            # the register work that does not feed the next product overlapping the tensor cores.
             if with_o:
-                KS, QS, QK = _mms(((C, BV), [(k_s, s_buf)]), ((C, BV), [(q_s, s_buf)]),
-                                  ((C, C), [(q_s, k_s.T)]))
+                (KS, QS, QK), gamma = _mms(((C, BV), [(k_s, s_buf)]), ((C, BV), [(q_s, s_buf)]),
+                                           ((C, C), [(q_s, k_s.T)]), overlap=ch.gamma)
             else:
-                KS = _mm(k_s, s_buf, (C, BV))
+                (KS,) = _mms(((C, BV), [(k_s, s_buf)]))
             if with_res:  # the state entering chunk n
                 plgpu.copy_smem_to_gmem(s_buf, sin_ref.at[b, n, hv, :, vs], commit_group=False)
-            ch = _Chunk(gates)
-            beta_r = ch.beta(BV)
             v_c = plgpu.load(v_s, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-            x_smem[...] = (beta_r * (v_c - ch.row(ch.d_in, BV) * KS)).astype(dt)
+            x_smem[...] = (ch.beta(BV) * (v_c - ch.row(ch.d_in, BV) * KS)).astype(dt)
+            if with_o:
+                p_smem[...] = (QK * gamma * t.scale).astype(dt)
             plgpu.commit_smem()
-            vnew = _mm(T_s, x_smem, (C, BV))
+            if with_o:
+                (vnew,), o_inter = _mms(((C, BV), [(T_s, x_smem)]),
+                                        overlap=lambda: ch.row(ch.d_in * t.scale, BV) * QS)
+            else:
+                (vnew,) = _mms(((C, BV), [(T_s, x_smem)]))
             if with_res:
                 vno_smem.at[slot][...] = vnew.astype(dt)
-                plgpu.commit_smem()
+            if with_o:
+                vn_smem[...] = vnew.astype(dt)
+            x_smem[...] = (ch.row(ch.d_out, BV) * vnew).astype(dt)  # T X has been read
+            plgpu.commit_smem()
+            if with_res:
                 plgpu.copy_smem_to_gmem(vno_smem.at[slot], vn_out_ref.at[b, pl.ds(n * C, C), hv, vs],
                                         commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
             if with_o:
-                vn_smem[...] = vnew.astype(dt)
-                p_smem[...] = (QK * ch.gamma() * t.scale).astype(dt)
-                plgpu.commit_smem()
-                o = ch.row(ch.d_in * t.scale, BV) * QS + _mm(p_smem, vn_smem, (C, BV))
-                o_smem.at[slot][...] = o.astype(o_smem.dtype)
+                PV, KV = _mms(((C, BV), [(p_smem, vn_smem)]), ((K, BV), [(k_s.T, x_smem)]))
+                o_smem.at[slot][...] = (o_inter + PV).astype(o_smem.dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_smem.at[slot], o_ref.at[b, pl.ds(n * C, C), hv, vs])
-            x_smem[...] = (ch.row(ch.d_out, BV) * vnew).astype(dt)
-            plgpu.commit_smem()
-            return ch.d_chunk * S + _mm(k_s.T, x_smem, (K, BV))
+            else:
+                (KV,) = _mms(((K, BV), [(k_s.T, x_smem)]))
+            return ch.d_chunk * S + KV
 
-        in_specs = ([plgpu.BlockSpec((C, K), lambda n: (n, 0), transforms=tf)] * (1 + with_o)
-                    + [plgpu.BlockSpec((C, BV), lambda n: (n, 0), transforms=tf),
-                       plgpu.BlockSpec((C, C), lambda n: (n, 0), transforms=tf)]
+        fwd = lambda n: (n, 0)
+        in_specs = ([_spec((C, K), fwd)] * (1 + with_o) + [_spec((C, BV), fwd), _spec((C, C), fwd)]
                     + _gate_specs(lambda n: (n,), has_docs))
         srcs = ([q_ref.at[b, :, h, :]] if with_o else []) + [
             k_ref.at[b, :, h, :], v_ref.at[b, :, hv, vs], T_ref.at[b, :, hv, :],
@@ -308,13 +316,11 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
     if with_res:
         out_type += [jax.ShapeDtypeStruct((t.B, N, t.HV, K, V), dt),
                      jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), dt)]
-    scratch = [plgpu.SMEM((2, K, BV) if with_res else (K, BV), dt, transforms=tf),
-               plgpu.SMEM((C, BV), dt, transforms=tf)]
+    scratch = [_tile((2, K, BV) if with_res else (K, BV), dt), _tile((C, BV), dt)]
     if with_o:
-        scratch += [plgpu.SMEM((C, BV), dt, transforms=tf), plgpu.SMEM((C, C), dt, transforms=tf),
-                    plgpu.SMEM((2, C, BV), out_dtype, transforms=tf)]
+        scratch += [_tile((C, BV), dt), _tile((C, C), dt), _tile((2, C, BV), out_dtype)]
     if with_res:
-        scratch += [plgpu.SMEM((2, C, BV), dt, transforms=tf)]
+        scratch += [_tile((2, C, BV), dt)]
     args = ([_flat(q)] if with_o else []) + [_flat(k), _flat(v), _flat(T), G, beta_rows]
     args += ([rel] if has_docs else []) + [initial_state]
     outs = plgpu.kernel(body, out_type=out_type, scratch_types=scratch,
@@ -338,7 +344,6 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
     """
     C, K, V, BV, N = t.C, t.K, t.V, t.BV, t.N
     dt = k.dtype
-    tf = _tile_transforms()
     G, beta_rows, rel = gate_rows(g, beta, docs, t)
     has_docs = rel is not None
     full = mode == "full"
@@ -351,7 +356,6 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
         ds_out_ref, dvn_out_ref = (next(it), next(it)) if full else (None, None)
         ds0_ref = next(it)
         ds_smem, pt_smem, dvn_smem, z_smem, dos_smem = (next(it) for _ in range(5))
-        dvo_smem = next(it) if full else None
 
         bh, j = lax.axis_index("bh"), lax.axis_index("vt")
         b, hv = bh // t.HV, bh % t.HV
@@ -375,28 +379,27 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
             plgpu.commit_smem()
             if full:  # dL/dS leaving chunk n
                 plgpu.copy_smem_to_gmem(ds_buf, ds_out_ref.at[b, n, hv, :, vs], commit_group=False)
-            KdS, KQ, QtdO = _mms(((C, BV), [(k_s, ds_buf)]), ((C, C), [(k_s, q_s.T)]),
-                                 ((K, BV), [(q_s.T, dos_smem)]))
-            pt_smem[...] = (KQ * ch.gamma_t() * t.scale).astype(dt)
+            (KdS, KQ, QtdO), gamma_t = _mms(((C, BV), [(k_s, ds_buf)]), ((C, C), [(k_s, q_s.T)]),
+                                            ((K, BV), [(q_s.T, dos_smem)]), overlap=ch.gamma_t)
+            pt_smem[...] = (KQ * gamma_t * t.scale).astype(dt)
             plgpu.commit_smem()
-            dvn = ch.row(ch.d_out, BV) * KdS + _mm(pt_smem, do_s, (C, BV))
-            dvn_smem[...] = dvn.astype(dt)
+            (loc,), dvn_inter = _mms(((C, BV), [(pt_smem, do_s)]), overlap=lambda: ch.row(ch.d_out, BV) * KdS)
+            dvn_buf = dvn_smem.at[slot] if full else dvn_smem
+            dvn_buf[...] = (dvn_inter + loc).astype(dt)
             plgpu.commit_smem()
             if full:
-                dvo_smem.at[slot][...] = dvn.astype(dt)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(dvo_smem.at[slot], dvn_out_ref.at[b, pl.ds(n * C, C), hv, vs],
+                plgpu.copy_smem_to_gmem(dvn_buf, dvn_out_ref.at[b, pl.ds(n * C, C), hv, vs],
                                         commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
-            Y = _mm(T_s.T, dvn_smem, (C, BV))                   # T^T dVnew
-            beta_r = ch.beta(BV)
-            z_smem[...] = (-(beta_r * ch.row(ch.d_in, BV)) * Y).astype(dt)
+            (Y,), beta_d_in = _mms(((C, BV), [(T_s.T, dvn_buf)]),    # T^T dVnew
+                                   overlap=lambda: ch.beta(BV) * ch.row(ch.d_in, BV))
+            z_smem[...] = (-beta_d_in * Y).astype(dt)
             plgpu.commit_smem()
-            return ch.d_chunk * dS + QtdO + _mm(k_s.T, z_smem, (K, BV))
+            (KZ,), dS_inter = _mms(((K, BV), [(k_s.T, z_smem)]), overlap=lambda: ch.d_chunk * dS + QtdO)
+            return dS_inter + KZ
 
         rev = lambda i: (N - 1 - i, 0)
-        in_specs = [plgpu.BlockSpec((C, K), rev, transforms=tf)] * 2 + [
-            plgpu.BlockSpec((C, BV), rev, transforms=tf), plgpu.BlockSpec((C, C), rev, transforms=tf),
+        in_specs = [_spec((C, K), rev)] * 2 + [_spec((C, BV), rev), _spec((C, C), rev),
             *_gate_specs(lambda i: (N - 1 - i,), has_docs)]
         srcs = [q_ref.at[b, :, h, :], k_ref.at[b, :, h, :], do_ref.at[b, :, hv, vs], T_ref.at[b, :, hv, :],
                 *_gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]
@@ -408,11 +411,12 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
     state = jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)
     out_type = ([jax.ShapeDtypeStruct((t.B, N, t.HV, K, V), dt),
                  jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), dt)] if full else []) + [state]
-    scratch = [plgpu.SMEM((2, K, BV) if full else (K, BV), dt, transforms=tf),
-               plgpu.SMEM((C, C), dt, transforms=tf), plgpu.SMEM((C, BV), dt, transforms=tf),
-               plgpu.SMEM((C, BV), dt, transforms=tf), plgpu.SMEM((C, BV), dt, transforms=tf)]
-    if full:
-        scratch += [plgpu.SMEM((2, C, BV), dt, transforms=tf)]
+    double = (2,) if full else ()  # tiles copied out asynchronously alternate between two buffers
+    scratch = [_tile((*double, K, BV), dt),     # dS
+               _tile((C, C), dt),               # scale K Q^T * Gamma^T
+               _tile((*double, C, BV), dt),     # dVnew
+               _tile((C, BV), dt),              # beta d_in T^T dVnew
+               _tile((C, BV), dt)]              # scale d_in dO
     args = [_flat(q), _flat(k), _flat(do.astype(dt)), _flat(T), G, beta_rows]
     args += ([rel] if has_docs else []) + [dS_final]
     outs = plgpu.kernel(body, out_type=out_type, scratch_types=scratch,
