@@ -146,14 +146,15 @@ def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dt
         z_a = jnp.where(dec.strict, dA * kk * dec.gamma, 0.0)       # dA * dA/dbeta_r
         d_qk = do_vn * dec.gamma                                     # gradient of Q K^T, masked
         qk = mm(q_c, k_c, tb=True, dtype=mm_dtype)
-        dqk_ref[...] = d_qk
-        y_ref[...] = jnp.where(dec.strict, dA * dec.gamma, 0.0) * beta_c[:, None]
+        dqk_ref[...] = d_qk.astype(dqk_ref.dtype)
+        y_ref[...] = (jnp.where(dec.strict, dA * dec.gamma, 0.0) * beta_c[:, None]).astype(y_ref.dtype)
         dG_ref[...] = gate_grad_from_pairs(qk * d_qk) + gate_grad_from_pairs(z_a * beta_c[:, None])
         dbeta_ref[...] = dbeta + jnp.sum(z_a, axis=1)
 
     f32 = jnp.float32
     gate = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV), f32)
-    pair = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, C), f32)
+    # d_qk and Y are only matmul operands downstream, so they are stored in the matmul dtype.
+    pair = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, C), mm_dtype)
     return backend.call(
         kernel, grid=t.chunk_grid,
         in_specs=[t.qk_spec(), t.qk_spec(), t.head_spec(V), t.gate_spec(), t.gate_spec(),
@@ -193,10 +194,11 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
             s_ds += jnp.sum(S.astype(f32) * dS.astype(f32))
 
         d_qk, Y = dqk_ref[...], y_ref[...]
-        dq_ref[...] = (dq_raw * dec.d_in[:, None] + mm(d_qk, k_c, dtype=mm_dtype)) * t.scale
+        dq_ref[...] = ((dq_raw * dec.d_in[:, None] + mm(d_qk, k_c, dtype=mm_dtype)) * t.scale
+                       ).astype(dq_ref.dtype)
         dk_ref[...] = (mm(d_qk, q_c, ta=True, dtype=mm_dtype) + dk_out * dec.d_out[:, None]
                        + dkbg * (beta_c * dec.d_in)[:, None]
-                       + mm(Y, k_c, dtype=mm_dtype) + mm(Y, k_c, ta=True, dtype=mm_dtype))
+                       + mm(Y, k_c, dtype=mm_dtype) + mm(Y, k_c, ta=True, dtype=mm_dtype)).astype(dk_ref.dtype)
         kbg_dot = dec.d_in * jnp.sum(dkbg * k_c, axis=1)
         x_out = dec.d_out * jnp.sum(k_c * dk_out, axis=1)
         dG_ref[...] = (dec.d_in * jnp.sum(q_c * dq_raw, axis=1) + beta_c * kbg_dot - x_out
@@ -204,7 +206,9 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
         dbeta_ref[...] = kbg_dot
 
     f32 = jnp.float32
-    per_key = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, t.K), f32)
+    # Without GVA dq and dk are final here, so they are written in the matmul dtype (the inputs' for
+    # bf16/f16); value heads that share a q/k head are summed outside, in float32.
+    per_key = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, t.K), mm_dtype if t.group == 1 else f32)
     partial = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, t.K // BK), f32)
     kt = t.key_tiled
     return backend.call(
