@@ -4,6 +4,7 @@
     python train.py --config tiny_h1 --workdir runs/h1 --steps 500
     python train.py --config gdn_1.3b --set data.paths=/data/*.jsonl train.lr=3e-4
     python train.py --workdir runs/tiny                # resume (config read from DIR/config.json)
+    python train.py --init_from runs/fla --workdir runs/ft   # fine-tune runs/fla's weights
 
 Overrides: `--set section.field=value ...` (values parsed as JSON, else strings; tuples as
 comma-separated lists); sections: model, data, train, mesh, run. Multi-host: --distributed=auto
@@ -46,6 +47,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="config overrides, e.g. --set model.d_model=128 train.lr=1e-3",
     )
     p.add_argument(
+        "--init_from",
+        default=None,
+        metavar="WORKDIR",
+        help="start a new run from WORKDIR's params (its latest checkpoint, or --init_step) "
+        "with a fresh optimiser at step 0; the config defaults to WORKDIR/config.json. "
+        "Ignored once --workdir holds a checkpoint (the run resumes)",
+    )
+    p.add_argument("--init_step", type=int, default=None, help="checkpoint step of --init_from")
+    p.add_argument(
         "--distributed",
         choices=("off", "auto", "manual"),
         default=None,
@@ -64,7 +74,12 @@ def resolve_config(args):
     name = args.config
     if name is None:
         saved = args.workdir and os.path.exists(os.path.join(args.workdir, "config.json"))
-        name = os.path.join(args.workdir, "config.json") if saved else "tiny"
+        if saved:
+            name = os.path.join(args.workdir, "config.json")
+        elif args.init_from:
+            name = os.path.join(args.init_from, "config.json")
+        else:
+            name = "tiny"
     cfg = experiment.apply_overrides(experiment.get_config(name), args.set)
     workdir = args.workdir or os.path.join("runs", cfg.name)
     return cfg, workdir
@@ -84,7 +99,8 @@ def main(argv=None) -> int:
     from gdn_jax.train import loop
 
     try:
-        loop.train(cfg, workdir, stop_step=args.steps)
+        loop.train(cfg, workdir, stop_step=args.steps, init_from=args.init_from,
+                   init_step=args.init_step)
     except loop.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3

@@ -10,6 +10,10 @@ Layout of a workdir:
 
 "params" is the model's nnx.Param state as a pure nested dict (nnx.to_pure_dict(state): layer lists
 have int keys), float32. `load_params(workdir)` rebuilds the model for evaluation.
+
+A weights-only checkpoint (`save_weights_only`, written by `python3 -m gdn_jax.interop import-fla`)
+has `state/` holding {"params"} alone and no `data/`: eval.py reads it like any other, and train.py
+starts from its params with a fresh optimiser and data iterator at step 0.
 """
 
 from __future__ import annotations
@@ -88,6 +92,57 @@ def restore(
     return out["state"]
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+    path = checkpoint_dir(workdir)
+    return sorted(ocp.utils.checkpoint_steps(path)) if os.path.isdir(path) else []
+
+
+def resolve_step(workdir: str, step: int | None) -> int:
+    """`step`, or the latest checkpoint step of workdir; FileNotFoundError when there is none."""
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(workdir)}")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir(workdir)}; "
+                                f"steps: {steps}")
+    return step
+
+
+def is_weights_only(workdir: str, step: int) -> bool:
+    """True for a checkpoint without the data-iterator item (see the module docstring)."""
+    step_dir = os.path.join(checkpoint_dir(workdir), str(step))
+    return os.path.isdir(os.path.join(step_dir, "state")) and not os.path.isdir(
+        os.path.join(step_dir, "data"))
+
+
+def save_weights_only(workdir: str, step: int, params: Any) -> None:
+    """Writes DIR/checkpoints/<step>/state holding {"params": params} (a pure nested dict)."""
+    with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state",),
+                               options=ocp.CheckpointManagerOptions(create=True)) as manager:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})),
+                     force=True)
+        manager.wait_until_finished()
+
+
+def restore_params(workdir: str, step: int, target: Any) -> Any:
+    """The "params" of checkpoint `step`, as the pure dict `target` of jax.ShapeDtypeStruct (with
+    shardings) describes; the optimiser state is not read."""
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    restore_args = {"params": jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding),
+                                           target)}
+    if "partial_restore" in inspect.signature(ocp.args.PyTreeRestore).parameters:
+        subset = dict(partial_restore=True)
+    else:  # older orbax: an empty `transforms` restores only the keys of `item`
+        subset = dict(transforms={})
+    restored = ckptr.restore(
+        os.path.join(checkpoint_dir(workdir), str(step), "state"),
+        args=ocp.args.PyTreeRestore(item={"params": target}, restore_args=restore_args, **subset),
+    )
+    return restored["params"]
+
+
 def load_params(workdir: str, step: int | None = None, *, model_factory=None):
     """(model_cfg, model) from a workdir's config.json and its latest (or given) checkpoint.
 
@@ -101,30 +156,16 @@ def load_params(workdir: str, step: int | None = None, *, model_factory=None):
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: model_factory(cfg.model, nnx.Rngs(0)))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-    path = checkpoint_dir(workdir)
-    if step is None:
-        steps = ocp.utils.checkpoint_steps(path) if os.path.isdir(path) else []
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint under {path}")
-        step = max(steps)
+    step = resolve_step(workdir, step)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
         nnx.to_pure_dict(abstract_params),
     )
-    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    restore_args = {"params": jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)}
-    if "partial_restore" in inspect.signature(ocp.args.PyTreeRestore).parameters:
-        subset = dict(partial_restore=True)
-    else:  # older orbax: an empty `transforms` restores only the keys of `item`
-        subset = dict(transforms={})
-    restored = ckptr.restore(
-        os.path.join(path, str(step), "state"),
-        args=ocp.args.PyTreeRestore(item={"params": target}, restore_args=restore_args, **subset),
-    )
+    params = restore_params(workdir, step, target)
     with nnx.use_eager_sharding(False):
         model = model_factory(cfg.model, nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, restored["params"])
+    nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)
     return cfg.model, model

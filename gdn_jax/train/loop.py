@@ -8,6 +8,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 from configs import experiment
@@ -80,15 +81,62 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def _check_same_params(cfg: experiment.ExperimentConfig, source: str, abstract_params,
+                       model_factory) -> None:
+    """Raises ValueError naming the first parameter whose shape differs between the run's model
+    and the one `source` (a workdir) was trained with."""
+    from flax import nnx
+
+    src = experiment.get_config(os.path.join(source, "config.json"))
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: model_factory(src.model, nnx.Rngs(0)))
+    theirs = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    flat_ours = dict(jax.tree_util.tree_flatten_with_path(abstract_params)[0])
+    flat_theirs = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
+    for path in sorted(set(flat_ours) | set(flat_theirs), key=str):
+        a, b = flat_ours.get(path), flat_theirs.get(path)
+        if a is None or b is None or tuple(a.shape) != tuple(b.shape):
+            raise ValueError(
+                f"--init_from {source}: parameter {jax.tree_util.keystr(path)} is "
+                f"{None if b is None else tuple(b.shape)} there and "
+                f"{None if a is None else tuple(a.shape)} in this run's model"
+            )
+
+
+def _init_from(trainer, source: str, step: int | None, model_factory) -> dict:
+    """A fresh train state (step 0, new optimiser) holding the params of `source`'s checkpoint."""
+    step = ckpt_lib.resolve_step(source, step)
+    _check_same_params(trainer.cfg, source, trainer.abstract_state["params"], model_factory)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        trainer.abstract_state["params"],
+        trainer.state_shardings["params"],
+    )
+    params = ckpt_lib.restore_params(source, step, target)
+    with jax.set_mesh(trainer.mesh):
+        opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings["opt_state"])(
+            params
+        )
+        step0 = jax.device_put(jnp.zeros((), jnp.int32), trainer.state_shardings["step"])
+    return {"step": step0, "params": params, "opt_state": opt_state}
+
+
 def train(
     cfg: experiment.ExperimentConfig,
     workdir: str,
     *,
     stop_step: int | None = None,
     model_factory=step_lib.default_model_factory,
+    init_from: str | None = None,
+    init_step: int | None = None,
 ) -> dict:
     """Trains until global step `stop_step` (default cfg.train.steps), resuming from the latest
-    checkpoint in `workdir`. Returns {"step", "loss"} of the last logged step."""
+    checkpoint in `workdir`. Returns {"step", "loss"} of the last logged step.
+
+    A run with no checkpoint yet starts from the params of workdir `init_from` (its checkpoint
+    `init_step`, default the latest) when given, with a fresh optimiser at step 0; a run whose
+    latest checkpoint is weights-only (written by import-fla) starts from it the same way.
+    """
     stop_step = cfg.train.steps if stop_step is None else stop_step
     _check_vocab(cfg)
     _sync_config(cfg, workdir)
@@ -101,8 +149,13 @@ def train(
     )
     manager = ckpt_lib.make_manager(workdir, cfg.run)
     latest = manager.latest_step()
+    if latest is not None and ckpt_lib.is_weights_only(workdir, latest):
+        init_from, init_step, latest = workdir, latest, None
     if latest is None:
-        state = trainer.init_fn()
+        if init_from is not None:
+            state = _init_from(trainer, init_from, init_step, model_factory)
+        else:
+            state = trainer.init_fn()
         start = 0
     else:
         state = ckpt_lib.restore(
@@ -123,7 +176,9 @@ def train(
             f"{cfg.name}: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
             f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} "
             f"device(s) | batch {G}x{T} | "
-            + (f"resuming at step {start}" if latest is not None else "from scratch")
+            + (f"resuming at step {start}" if latest is not None else
+               f"from the params of {init_from} (fresh optimiser)" if init_from else
+               "from scratch")
             + f" -> step {stop_step} | workdir {workdir}",
             flush=True,
         )
