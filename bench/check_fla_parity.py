@@ -1,0 +1,125 @@
+"""Logits parity with FLA in both directions, on one machine with both FLA (PyTorch) and gdn_jax.
+
+    python3 bench/check_fla_parity.py                       # FLA's default config (fla_gdn_1.3b)
+    python3 bench/check_fla_parity.py --set hidden_size=128 num_hidden_layers=2 vocab_size=512
+    TRITON_INTERPRET=1 python3 bench/check_fla_parity.py --set ...    # CPU, small sizes only
+
+1. FLA builds GatedDeltaNetForCausalLM(config) with random weights (every tensor redrawn, as in
+   bench/make_fla_fixtures.py), saves it with save_pretrained (float32) and computes its logits on
+   random tokens with the chunk kernel.
+2. gdn_jax imports the directory (load_fla_checkpoint, float32, impl "auto": Pallas on a GPU) and
+   computes the logits of the same tokens: import error = |ours - FLA| / |FLA| (Frobenius).
+3. gdn_jax exports its model (save_fla_checkpoint); FLA loads that directory with
+   AutoModelForCausalLM.from_pretrained and computes the logits again: export error against
+   FLA's first logits (0 when the round trip is exact) and against ours.
+
+Prints one line per error and writes them with the versions and the command to --out (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to PyTorch too
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="GatedDeltaNetConfig fields (JSON values), e.g. num_hidden_layers=2")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    args = p.parse_args(argv)
+
+    import make_fla_fixtures as fixtures
+
+    fixtures._interpreter_fixes()
+    import torch
+    import transformers
+    import triton
+
+    import fla
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+    fixtures._stand_in_flash_attn()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gdn_jax.interop import load_fla_checkpoint, save_fla_checkpoint
+
+    overrides = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    config = GatedDeltaNetConfig(**overrides)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(args.seed)
+    model = GatedDeltaNetForCausalLM(config).float()
+    fixtures._redraw(model, torch.Generator().manual_seed(args.seed))
+    model = model.to(device).eval()
+    n_params = sum(x.numel() for x in model.parameters())
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=gen)
+
+    def fla_logits(m):
+        with torch.enable_grad():  # FLA picks its chunk kernel when autograd is on
+            return m(tokens.to(device)).logits.detach().float().cpu().numpy()
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    results = dict(params=n_params, batch=args.batch, seq_len=args.seq_len, config=overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "fla"), os.path.join(tmp, "ours")
+        t0 = time.time()
+        ref = fla_logits(model)
+        model.save_pretrained(src)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        cfg, ours_model = load_fla_checkpoint(src, dtype="float32")
+        ours = np.asarray(jax.device_get(ours_model(jnp.asarray(tokens.numpy(), jnp.int32))))
+        results["import_rel_err"] = rel(ours, ref)
+        save_fla_checkpoint(ours_model, cfg, out)
+        del ours_model
+        back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        again = fla_logits(back.to(device).eval())
+        results["export_rel_err_vs_fla"] = rel(again, ref)
+        results["export_rel_err_vs_ours"] = rel(again, ours)
+        results["seconds"] = round(time.time() - t0, 1)
+    results.update(
+        device=torch.cuda.get_device_name(0) if device == "cuda" else
+        ("cpu (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else "cpu"),
+        jax_backend=jax.default_backend(), jax=jax.__version__, torch=torch.__version__,
+        fla=fla.__version__, triton=triton.__version__, transformers=transformers.__version__,
+        python=platform.python_version(), gdn_impl=cfg.gdn_impl,
+        command="python3 bench/check_fla_parity.py " + " ".join(sys.argv[1:]))
+    print(f"{n_params / 1e6:.1f}M params, tokens {args.batch} x {args.seq_len}, "
+          f"{results['device']} / jax {jax.default_backend()}")
+    print(f"import  (ours vs FLA)                  rel err {results['import_rel_err']:.2e}")
+    print(f"export  (FLA on our export vs FLA)     rel err {results['export_rel_err_vs_fla']:.2e}")
+    print(f"export  (FLA on our export vs ours)    rel err {results['export_rel_err_vs_ours']:.2e}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
