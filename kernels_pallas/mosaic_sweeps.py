@@ -41,6 +41,10 @@ except ImportError:  # pragma: no cover
 CHUNK = 64  # wgmma's M: the chunk is one 64-row tile
 
 
+# The kernels use Mosaic GPU Pallas as of jax 0.11 (jax 0.10's `plgpu.load` differs, for one).
+MIN_JAX = (0, 11)
+
+
 def interpret_supported() -> bool:
     return plgpu is not None and hasattr(plgpu, "InterpretGPUParams")
 
@@ -48,8 +52,8 @@ def interpret_supported() -> bool:
 def unsupported_reason(*, C, K, V, BV, dtype) -> str | None:
     """Why a call (chunk size C, head dims K, V as the kernels see them, value tile BV, input dtype)
     cannot run on the Mosaic sweeps, or None if it can."""
-    if plgpu is None:
-        return "this jax has no Mosaic GPU Pallas backend"
+    if plgpu is None or jax.__version_info__[:2] < MIN_JAX:
+        return f"the Mosaic GPU sweeps need jax >= {MIN_JAX[0]}.{MIN_JAX[1]}, this is {jax.__version__}"
     if C != CHUNK:
         return f"chunk_size must be {CHUNK} (one wgmma tile), got {C}"
     if jnp.dtype(dtype).itemsize != 2:
@@ -127,6 +131,13 @@ def _gate_specs(index_map, has_docs):
 def _gate_srcs(G_ref, beta_ref, rel_ref, b, hv):
     G = G_ref.at[b, hv, :]
     return [G, G, beta_ref.at[b, hv, :]] + ([rel_ref.at[b, :]] * 2 if rel_ref is not None else [])
+
+
+def _program(t: Tiling):
+    """(batch, value head, q/k head, value-tile slice) of this program of the (B*HV, V/BV) grid."""
+    bh, j = lax.axis_index("bh"), lax.axis_index("vt")
+    b, hv = bh // t.HV, bh % t.HV
+    return b, hv, hv // t.group, pl.ds(j * t.BV, t.BV)
 
 
 class _Chunk:
@@ -242,10 +253,7 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
         vn_smem, p_smem, o_smem = (next(it), next(it), next(it)) if with_o else (None, None, None)
         vno_smem = next(it) if with_res else None
 
-        bh, j = lax.axis_index("bh"), lax.axis_index("vt")
-        b, hv = bh // t.HV, bh % t.HV
-        h = hv // t.group
-        vs = pl.ds(j * BV, BV)
+        b, hv, h, vs = _program(t)
         S0 = _load_state(s0_ref.at[b, hv, :, vs])
 
         def step(idx, *stage_refs):
@@ -357,10 +365,7 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
         ds0_ref = next(it)
         ds_smem, pt_smem, dvn_smem, z_smem, dos_smem = (next(it) for _ in range(5))
 
-        bh, j = lax.axis_index("bh"), lax.axis_index("vt")
-        b, hv = bh // t.HV, bh % t.HV
-        h = hv // t.group
-        vs = pl.ds(j * BV, BV)
+        b, hv, h, vs = _program(t)
         dS0 = _load_state(dsT_ref.at[b, hv, :, vs])
 
         def step(idx, *stage_refs):
@@ -383,7 +388,8 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
                                             ((K, BV), [(q_s.T, dos_smem)]), overlap=ch.gamma_t)
             pt_smem[...] = (KQ * gamma_t * t.scale).astype(dt)
             plgpu.commit_smem()
-            (loc,), dvn_inter = _mms(((C, BV), [(pt_smem, do_s)]), overlap=lambda: ch.row(ch.d_out, BV) * KdS)
+            (loc,), dvn_inter = _mms(((C, BV), [(pt_smem, do_s)]),
+                                     overlap=lambda: ch.row(ch.d_out, BV) * KdS)
             dvn_buf = dvn_smem.at[slot] if full else dvn_smem
             dvn_buf[...] = (dvn_inter + loc).astype(dt)
             plgpu.commit_smem()

@@ -216,3 +216,37 @@ def test_pallas_means_a_backend_that_runs_here():
         impls.resolve("pallas_mosaic", dtype=BF16, K=128, V=128, chunk_size=32)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         impls.resolve("pallas_mosaic", dtype=jnp.float32, K=128, V=128, chunk_size=64)
+
+
+@pytest.mark.parametrize("mode", ["output", "residuals", "final", "reverse"])
+@pytest.mark.parametrize("docs", [False, True])
+def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
+    """Lowers the Mosaic sweeps for CUDA on this CPU, as if for a Hopper GPU: Mosaic's layout
+    inference and shared-memory planning run here, so a kernel that would not compile on the GPU
+    fails in CI rather than on the device."""
+    from kernels_pallas import mosaic_sweeps as ms
+    from kernels_pallas.gated_delta_rule import make_tiling
+    if (reason := ms.unsupported_reason(C=64, K=128, V=128, BV=64, dtype=BF16)) is not None:
+        pytest.skip(reason)
+    import jax.experimental.mosaic.gpu.utils as mgpu_utils
+    monkeypatch.setattr(mgpu_utils, "_infer_arch", lambda: (9, 0))
+    B, T, H, HV, K, V = 1, 192, 1, 2, 128, 128
+    t = make_tiling(B=B, T=T, H=H, HV=HV, K=K, V=V, chunk_size=64, scale=0.1, has_docs=docs,
+                    dtype=BF16, sweeps="mosaic", segments=1, interpret=False)
+    N, C = t.N, t.C
+    q = jnp.zeros((B, N, C, H, K), BF16)
+    v = jnp.zeros((B, N, C, HV, V), BF16)
+    T_inv = jnp.zeros((B, N, C, HV, C), BF16)
+    g = jnp.zeros((B, N, C, HV), jnp.float32)
+    S0 = jnp.zeros((B, HV, K, V), jnp.float32)
+    doc_masks = ()
+    if docs:
+        doc = jnp.zeros((B, N, C), jnp.int32)
+        doc_masks = (doc, doc.astype(jnp.float32), doc.astype(jnp.float32))
+    if mode == "reverse":
+        fn = lambda q, T_inv, g, do, S0: ms.reverse_sweep(q, q, T_inv, g, g, doc_masks, do, S0, t, mode="full")
+    else:
+        fn = lambda q, T_inv, g, v, S0: ms.sweep(q, q, v, T_inv, g, g, doc_masks, S0, t, mode=mode,
+                                                   out_dtype=BF16)
+    lowered = jax.jit(fn).trace(q, T_inv, g, v, S0).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
