@@ -1,5 +1,5 @@
-"""Writes the FLA checkpoint fixtures of tests/test_interop.py: small GatedDeltaNetForCausalLM models
-saved by FLA itself (`save_pretrained`), with FLA's float32 logits on fixed tokens.
+"""Writes the FLA checkpoint fixtures of tests/test_interop.py: small GatedDeltaNetForCausalLM
+models saved by FLA itself (`save_pretrained`), with FLA's float32 logits on fixed tokens.
 
 Runs in an environment with PyTorch, transformers and FLA (`flash-linear-attention`, `fla-core`),
 not gdn_jax. On a GPU machine run it as is. On a CPU, FLA's Triton kernels run in Triton's
@@ -12,12 +12,12 @@ interpreter:
 (about a minute on 2 CPU cores). Each fixture directory holds FLA's `config.json`, its
 safetensors (one file, or shards with `model.safetensors.index.json`), and `reference.safetensors`
 with `tokens` [B, T] int64 and FLA's `logits` [B, T, V] float32 computed by the chunk kernel (the
-training path; T = 72 spans two 64-token chunks). `fixture.json` records the versions, the device,
-and two self-checks: the logits of FLA's fused-recurrent kernel against the chunk ones, and the
-logits of the saved checkpoint reloaded through `AutoModelForCausalLM.from_pretrained`.
+training path; T = 72 spans two 64-token chunks). `fixture.json` records two self-checks: the logits of FLA's fused-recurrent kernel against the chunk ones, and the
+logits of the saved checkpoint reloaded through `AutoModelForCausalLM.from_pretrained`;
+`versions.json` the versions, the device and the command.
 
 Weights: FLA's init, then every tensor redrawn (projections ~ N(0, 1/fan_in), norm scales
-1 + N(0, 0.2), convs N(0, 0.5), A_log and dt_bias perturbed), so a swapped or misplaced tensor
+1 + N(0, 0.2), convs N(0, 0.5), A ~ U(0.5, 8.5), dt_bias + N(0, 0.5)), so a swapped or misplaced tensor
 changes the logits visibly. "bf16" fixtures round the weights to bfloat16 first, compute the logits
 in float32 and save the checkpoint in bfloat16, as FLA checkpoints usually are.
 
@@ -27,7 +27,7 @@ gva (1 q/k head, 4 value heads), neg_eigval (allow_neg_eigval, conv_size 3, norm
 attention with GQA and its own rope_theta). FLA's attention layer calls flash-attn, which has no CPU
 build; where flash-attn is missing this script stands in a plain PyTorch causal (windowed) softmax
 attention for `flash_attn_func` and records that in fixture.json. Everything else in that model
-(projections, RoPE, the GDN layers) is FLA's. About 600 KB in all.
+(projections, RoPE, the GDN layers) is FLA's. About 700 KB in all.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ SEED = 1234
 
 def _stand_in_flash_attn():
     """Where flash-attn is missing, gives FLA's attention layer a float32 PyTorch reference of
-    `flash_attn_func` (unpadded batches only). Returns True when it did. Call after importing FLA."""
+    `flash_attn_func` (unpadded batches only). Returns True when it did. Call after importing
+    FLA."""
     import torch
 
     import fla.layers.attn as fla_attn

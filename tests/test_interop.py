@@ -110,7 +110,7 @@ def test_reexport_of_fla_checkpoint_is_bit_identical(name, dtype, tmp_path):
 def _tiny(**kw) -> ModelConfig:
     base = dict(vocab_size=96, d_model=32, num_layers=3, mlp_hidden=48, gdn_num_heads=2,
                 gdn_head_dim=8, gdn_expand_v=2.0, gdn_chunk_size=16, attn_num_heads=4,
-                attn_head_dim=8, window_size=5, dtype="float32", gdn_impl="chunk")
+                attn_head_dim=8, window_size=5, dtype="float32", gdn_impl="scan")
     return ModelConfig(**{**base, **kw})
 
 
@@ -140,7 +140,7 @@ def test_round_trip_is_bit_identical(kw, shard, tmp_path):
     assert fla["model_type"] == "gated_deltanet"
     assert fla["architectures"] == ["GatedDeltaNetForCausalLM"]
     # Same kernel settings (they are not in FLA's config), so the logits can be compared bitwise.
-    cfg2, model2 = load_fla_checkpoint(out, dtype="float32", gdn_impl="chunk",
+    cfg2, model2 = load_fla_checkpoint(out, dtype="float32", gdn_impl=cfg.gdn_impl,
                                        gdn_chunk_size=cfg.gdn_chunk_size)
     assert cfg2.mixers == cfg.mixers
     p1, p2 = model_params(model), model_params(model2)
@@ -177,8 +177,9 @@ def test_fla_default_config_is_the_fla_gdn_1_3b_preset():
     """FLA's defaults (hidden_ratio 4 -> MLP 5632, 6 x 256, untied, eps 1e-6) map to our preset."""
     cfg = fla_config.to_model_config({"model_type": "gated_deltanet"})
     preset = get_model_config("fla_gdn_1.3b")
+    unused = ("attn_", "mamba_", "window", "rope")  # no attention or Mamba2 layers
     skip = {"name", "layer_pattern"} | set(fla_config.RUNTIME_FIELDS) | {
-        f for f in preset.__dataclass_fields__ if f.startswith(("attn_", "mamba_", "window", "rope"))}
+        f for f in preset.__dataclass_fields__ if f.startswith(unused)}
     for f in preset.__dataclass_fields__:
         if f not in skip:
             assert getattr(cfg, f) == getattr(preset, f), f
@@ -405,7 +406,8 @@ def test_import_needs_a_tokenizer_that_fits(tmp_path):
     from gdn_jax.train import checkpoint
 
     tied, wd = os.path.join(FIXTURES, "tied"), str(tmp_path / "imported")
-    with pytest.raises(ValueError, match="tokenizer"):  # vocab 64, no tokenizer.json: bytes won't do
+    # Vocab 64 and no tokenizer.json: the byte tokenizer (258 ids) does not fit.
+    with pytest.raises(ValueError, match="tokenizer"):
         import_fla(tied, wd)
     with pytest.raises(ValueError, match="model.d_model"):
         import_fla(tied, wd, overrides=["model.d_model=32"])

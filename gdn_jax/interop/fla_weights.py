@@ -7,7 +7,7 @@ GatedDeltaNetForCausalLM ("model.layers.0.attn.q_proj.weight"). Per tensor:
     ours                                  FLA                                   layout
     embedding [V, d]                      model.embeddings.weight [V, d]        same
     blocks.i.mixer_norm.scale [d]         model.layers.i.attn_norm.weight       same
-    blocks.i.mixer.X_proj.kernel [in,out] model.layers.i.attn.X_proj.weight     transposed ([out, in])
+    blocks.i.mixer.X_proj.kernel [in,out] model.layers.i.attn.X_proj.weight     transposed
     blocks.i.mixer.X_conv.weight [W, C]   model.layers.i.attn.X_conv1d.weight   [C, 1, W]
     blocks.i.mixer.A_log, dt_bias [HV]    model.layers.i.attn.A_log, dt_bias    same
     blocks.i.mixer.o_norm.scale [V]       model.layers.i.attn.o_norm.weight     same
