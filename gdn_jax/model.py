@@ -9,6 +9,8 @@ recurrent states stay float32; logits are float32.
 Decoding: `prefill` runs the parallel path over a prompt and returns a cache; `step` advances one
 token. The cache is a dict: {"layers": [per-layer dict], "pos": [B] int32 position of the next token
 inside its document (RoPE), "t": int32 absolute index of the next token (KV slot)}.
+gdn_jax/inference.py makes the decoding copy of an LM (weights stored in the compute dtype, optionally
+fused projections); `tied_head` and `fuse_for_inference` below serve it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class Block(nnx.Module):
         h_BxD = h_BxD + self.mlp(self.mlp_norm(h_BxD)).astype(jnp.float32)
         return h_BxD, cache
 
+    def fuse_for_inference(self):
+        self.mixer.fuse_for_inference()
+        self.mlp.fuse_for_inference()
+
 
 def _block_forward(block, h, segment_ids, positions):
     return block(h, segment_ids, positions)[0]
@@ -80,6 +86,9 @@ class LM(nnx.Module):
             head = cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.vocab_size))
             self.lm_head = nnx.Param(head.astype(jnp.float32), out_sharding=("embed", "vocab"),
                                      eager_sharding=False)
+        # Inference copies of a tied model keep the float32 table for the lookup (B rows a step)
+        # and read the head from this compute-dtype copy of it (gdn_jax/inference.py).
+        self.tied_head = nnx.data(None)
 
     def _embed(self, tokens):
         return jnp.take(self.embedding[...], tokens, axis=0).astype(jnp.float32)
@@ -87,7 +96,8 @@ class LM(nnx.Module):
     def _logits(self, h):
         x = self.final_norm(h)
         if self.lm_head is None:
-            w = self.embedding[...].astype(self.dtype)
+            table = self.embedding if self.tied_head is None else self.tied_head
+            w = table[...].astype(self.dtype)
             return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
         w = self.lm_head[...].astype(self.dtype)
         return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
@@ -104,12 +114,15 @@ class LM(nnx.Module):
             h = block_fn(block, h, segment_ids, positions)
         return self._logits(h)
 
-    def prefill(self, tokens_BxT: jax.Array, segment_ids=None, *, cache_len: int):
+    def prefill(self, tokens_BxT: jax.Array, segment_ids=None, *, cache_len: int,
+                last_only: bool = False):
         """Parallel forward over a prompt. Returns (logits [B, T, V] float32, decode cache).
 
         cache_len: the most tokens (prompt + generated) the cache must serve; full-attention layers
         keep that many KV slots, SWA layers min(window, cache_len). The cache continues each row's
         last document.
+        last_only: return logits [B, 1, V] of the last position only (what sampling needs), so the
+        head never forms B x T x V logits for a long prompt.
         """
         B, T = tokens_BxT.shape
         positions = positions_from_segments(segment_ids, B, T)
@@ -119,7 +132,7 @@ class LM(nnx.Module):
             h, c = block(h, segment_ids, positions, cache_len=cache_len)
             caches.append(c)
         cache = dict(layers=caches, pos=positions[:, -1] + 1, t=jnp.asarray(T, jnp.int32))
-        return self._logits(h), cache
+        return self._logits(h[:, -1:] if last_only else h), cache
 
     def step(self, tokens_B: jax.Array, cache: dict):
         """One decode step: (logits [B, V] float32, new cache)."""
@@ -129,6 +142,11 @@ class LM(nnx.Module):
             h, c = block.step(h, c, pos=cache["pos"], t=cache["t"])
             new_layers.append(c)
         return self._logits(h), dict(layers=new_layers, pos=cache["pos"] + 1, t=cache["t"] + 1)
+
+    def fuse_for_inference(self):
+        """Each block's projections of one input become one matmul (see gdn_jax/inference.py)."""
+        for block in self.blocks:
+            block.fuse_for_inference()
 
 
 def count_params(cfg) -> int:

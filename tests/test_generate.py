@@ -1,4 +1,6 @@
-"""Decoding: prefill + cached steps reproduce the parallel forward; batching by left padding is exact."""
+"""Decoding: prefill + cached steps reproduce the parallel forward; left-pad segment ids; sampling.
+
+generate()'s loop, left-padded batches and EOS are tested in test_generate_loop.py."""
 
 import numpy as np
 import jax
@@ -7,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs.model import get_model_config
-from gdn_jax.generate import decode_step, generate, left_pad_segment_ids, sample_logits
+from gdn_jax.generate import decode_step, left_pad_segment_ids, sample_logits
 from gdn_jax.model import LM
 
 
@@ -43,38 +45,6 @@ def test_cached_decode_matches_full_forward(name, P):
                                rtol=2e-4, atol=2e-4)
 
 
-def naive_greedy(model, prompt, n):
-    """Greedy decoding by re-running the whole forward each token (no cache). The sequence is
-    right-padded to a fixed length so one compile serves every step (causality keeps pads out)."""
-    fwd = nnx.jit(lambda m, t: m(t))
-    P = prompt.shape[1]
-    seq = jnp.pad(prompt, ((0, 0), (0, n)))
-    for i in range(n):
-        nxt = jnp.argmax(fwd(model, seq)[:, P + i - 1], axis=-1).astype(jnp.int32)
-        seq = seq.at[:, P + i].set(nxt)
-    return np.asarray(seq[:, P:])
-
-
-def test_greedy_generate_matches_uncached_greedy():
-    model = tiny("tiny_h1")
-    prompt = jax.random.randint(jax.random.key(2), (2, 7), 0, 256)
-    got = generate(model, prompt, max_new_tokens=6, temperature=0.0, rng=jax.random.key(0))
-    np.testing.assert_array_equal(got, naive_greedy(model, prompt, 6))
-
-
-def test_left_padded_batch_equals_each_prompt_alone():
-    model = tiny("tiny_h2")
-    lengths = [7, 3]
-    P = max(lengths)
-    prompts = [jax.random.randint(jax.random.key(10 + i), (1, n), 0, 256) for i, n in enumerate(lengths)]
-    batch = jnp.concatenate([jnp.pad(p, ((0, 0), (P - p.shape[1], 0)), constant_values=99)
-                             for p in prompts])
-    got = generate(model, batch, max_new_tokens=5, temperature=0.0, rng=jax.random.key(0),
-                   prompt_lengths=jnp.array(lengths))
-    for i, p in enumerate(prompts):
-        np.testing.assert_array_equal(got[i], naive_greedy(model, p, 5)[0])
-
-
 def test_left_pad_segment_ids():
     np.testing.assert_array_equal(left_pad_segment_ids(jnp.array([2, 4]), 4),
                                   [[0, 0, 1, 1], [1, 1, 1, 1]])
@@ -94,15 +64,3 @@ def test_sampling_filters():
     assert set(np.unique(topp)) == {1, 2}
     full = np.asarray(sample_logits(logits, keys, temperature=1.0))
     np.testing.assert_allclose(np.bincount(full, minlength=4) / 2000, [0.05, 0.5, 0.3, 0.15], atol=0.04)
-
-
-def test_eos_stops_row():
-    model = tiny("tiny")
-    prompt = jax.random.randint(jax.random.key(4), (2, 5), 0, 256)
-    free = generate(model, prompt, max_new_tokens=6, temperature=0.0, rng=jax.random.key(0))
-    eos = int(free[0, 2])
-    got = np.asarray(generate(model, prompt, max_new_tokens=6, temperature=0.0,
-                              rng=jax.random.key(0), eos_id=eos))
-    first = int(np.argmax(np.asarray(free[0]) == eos))
-    np.testing.assert_array_equal(got[0, :first + 1], free[0, :first + 1])
-    assert (got[0, first:] == eos).all()

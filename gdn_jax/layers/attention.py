@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gdn_jax.layers.mlp import linear
+from gdn_jax.layers.mlp import FusedLinear, linear
 
 
 def rope(x_BxTxNxD: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
@@ -42,12 +42,21 @@ class Attention(nnx.Module):
         self.k_proj = linear(d, KV * D, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
         self.v_proj = linear(d, KV * D, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
         self.o_proj = linear(N * D, d, ("heads", "embed"), std=std, dtype=dt, rngs=rngs)
+        self.qkv_proj = nnx.data(None)  # FusedLinear of q/k/v_proj, inference only
+
+    def fuse_for_inference(self):
+        self.qkv_proj = FusedLinear([self.q_proj, self.k_proj, self.v_proj])
+        self.q_proj = self.k_proj = self.v_proj = None
 
     def _qkv(self, x, positions):
         lead = x.shape[:-1]
-        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x)
+        q = q.reshape(*lead, self.num_heads, self.head_dim)
+        k = k.reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = v.reshape(*lead, self.num_kv_heads, self.head_dim)
         return rope(q, positions, self.theta), rope(k, positions, self.theta), v
 
     def __call__(self, x_BxTxD: jax.Array, *, segment_ids=None, positions=None, cache_len=None):

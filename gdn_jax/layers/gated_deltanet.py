@@ -9,6 +9,9 @@ For input x [B, T, d]:
     y    = (RMSNorm_head(o) * w * silu(x W_gate)) W_o
 Init as in FLA: normal(0.02) projections and convs, A ~ U(0, 16), dt ~ logU(1e-3, 0.1) with
 dt_bias = softplus^{-1}(dt).
+
+Inference copies (gdn_jax/inference.py, fuse=True) compute the six input projections as one matmul
+and decode with `decode_recurrence`, which reads the state once for both of its products.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gdn_jax.layers.conv import ShortConv
-from gdn_jax.layers.mlp import linear
+from gdn_jax.layers.mlp import FusedLinear, linear
 from gdn_jax.layers.norms import GatedRMSNorm, small_param
 from gdn_jax.ops import gated_delta_rule, gated_delta_rule_step
+from gdn_jax.reference import repeat_heads
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -41,6 +47,35 @@ def init_decay_params(key: jax.Array, num_heads: int, a_min: float = 0.0, a_max:
     dt = jnp.maximum(dt, 1e-4)
     inv_softplus_dt = dt + jnp.log(-jnp.expm1(-dt))
     return jnp.log(A), inv_softplus_dt
+
+
+def decode_recurrence(q_t, k_t, v_t, g_t, beta_t, state, *, scale=None):
+    """One token of the gated delta rule, reading the state once for both of its products.
+
+    With a = exp(g), q' = scale q, and kS = S^T k, qS = S^T q' taken together from the old state:
+        S' = a (S - beta k kS^T) + beta k v^T
+        o  = S'^T q' = a (qS - beta (k.q') kS) + beta (k.q') v
+    so o needs no second pass over S' (gated_delta_rule_step forms S' and then reads it again).
+    Same contract as gdn_jax.ops.gated_delta_rule_step, without its argument checks:
+    q_t, k_t [B, H, K]; v_t [B, HV, V]; g_t, beta_t [B, HV]; state [B, HV, K, V] float32.
+    Returns (o_t [B, HV, V] in v_t's dtype, new state [B, HV, K, V] float32).
+    """
+    f32 = jnp.float32
+    HV, K = v_t.shape[1], q_t.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    q_BxHxK = repeat_heads(q_t.astype(f32), HV) * scale
+    k_BxHxK = repeat_heads(k_t.astype(f32), HV)
+    v_BxHxV = v_t.astype(f32)
+    a_BxH, beta_BxH = jnp.exp(g_t.astype(f32)), beta_t.astype(f32)
+    kqS_2xBxHxV = jnp.einsum("bhnk,bhkv->nbhv", jnp.stack([k_BxHxK, q_BxHxK], axis=2), state,
+                             precision=_HIGHEST)
+    kS_BxHxV, qS_BxHxV = kqS_2xBxHxV[0], kqS_2xBxHxV[1]
+    a, beta, k_col = a_BxH[..., None, None], beta_BxH[..., None, None], k_BxHxK[..., None]
+    new_state = (a * (state - beta * k_col * kS_BxHxV[..., None, :])
+                 + beta * k_col * v_BxHxV[..., None, :])
+    bkq_BxHx1 = (beta_BxH * jnp.sum(k_BxHxK * q_BxHxK, axis=-1))[..., None]
+    o = a_BxH[..., None] * (qS_BxHxV - bkq_BxHx1 * kS_BxHxV) + bkq_BxHx1 * v_BxHxV
+    return o.astype(v_t.dtype), new_state
 
 
 class GatedDeltaNet(nnx.Module):
@@ -72,22 +107,44 @@ class GatedDeltaNet(nnx.Module):
         self.g_proj = linear(d, HV * V, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
         self.o_norm = GatedRMSNorm(V, eps=cfg.norm_eps, norm_before_gate=True)
         self.o_proj = linear(HV * V, d, ("heads", "embed"), std=std, dtype=dt, rngs=rngs)
+        self.in_proj = nnx.data(None)  # FusedLinear of the input projections, inference only
+        self.one_read_step = False  # decode with decode_recurrence (set with in_proj)
 
-    def _gates(self, x):
-        """beta and g (float32) from x [..., d]: shapes [..., HV]."""
-        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
+    def _input_projections(self) -> tuple[str, ...]:
+        return ("q_proj", "k_proj", "v_proj", "b_proj") + (("a_proj",) if self.decay else ()) + (
+            "g_proj",)
+
+    def fuse_for_inference(self):
+        names = self._input_projections()
+        self.in_proj = FusedLinear([getattr(self, n) for n in names])
+        for n in names:
+            setattr(self, n, None)
+        self.one_read_step = True
+
+    def _project(self, x):
+        """Pre-activation q, k, v, beta, a (None without decay) and output gate of x [..., d]."""
+        if self.in_proj is None:
+            parts = [getattr(self, n)(x) for n in self._input_projections()]
+        else:
+            parts = self.in_proj(x)
+        if not self.decay:
+            parts.insert(4, None)
+        return parts
+
+    def _gates(self, b_raw, a_raw):
+        """beta and g (float32), [..., HV], from their projections."""
+        beta = jax.nn.sigmoid(b_raw.astype(jnp.float32))
         if self.allow_neg_eigval:
             beta = 2.0 * beta
         if self.decay:
-            a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...]
+            a = a_raw.astype(jnp.float32) + self.dt_bias[...]
             g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(a)
         else:
             g = jnp.zeros_like(beta)
         return g, beta
 
-    def _output(self, o, x):
-        gate = self.g_proj(x).reshape(*o.shape)
-        y = self.o_norm(o, gate).astype(self.dtype)
+    def _output(self, o, gate_raw):
+        y = self.o_norm(o, gate_raw.reshape(*o.shape)).astype(self.dtype)
         return self.o_proj(y.reshape(*o.shape[:-2], -1))
 
     def __call__(self, x_BxTxD: jax.Array, *, segment_ids=None, positions=None, cache_len=None):
@@ -95,31 +152,34 @@ class GatedDeltaNet(nnx.Module):
         del positions
         B, T, _ = x_BxTxD.shape
         want = cache_len is not None
-        q, cq = self.q_conv(self.q_proj(x_BxTxD), segment_ids=segment_ids, return_cache=want)
-        k, ck = self.k_conv(self.k_proj(x_BxTxD), segment_ids=segment_ids, return_cache=want)
-        v, cv = self.v_conv(self.v_proj(x_BxTxD), segment_ids=segment_ids, return_cache=want)
+        q_raw, k_raw, v_raw, b_raw, a_raw, gate_raw = self._project(x_BxTxD)
+        q, cq = self.q_conv(q_raw, segment_ids=segment_ids, return_cache=want)
+        k, ck = self.k_conv(k_raw, segment_ids=segment_ids, return_cache=want)
+        v, cv = self.v_conv(v_raw, segment_ids=segment_ids, return_cache=want)
         q = l2_normalize(q.reshape(B, T, self.num_heads, self.head_dim))
         k = l2_normalize(k.reshape(B, T, self.num_heads, self.head_dim))
         v = v.reshape(B, T, self.num_v_heads, self.v_dim)
-        g, beta = self._gates(x_BxTxD)
+        g, beta = self._gates(b_raw, a_raw)
         o, S = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids, output_final_state=want,
                                 chunk_size=self.chunk_size, impl=self.impl)
         cache = dict(conv_q=cq, conv_k=ck, conv_v=cv, state=S) if want else None
-        return self._output(o, x_BxTxD), cache
+        return self._output(o, gate_raw), cache
 
     def step(self, x_BxD: jax.Array, cache: dict, *, pos=None, t=None):
         """One token: (y [B, d], new cache)."""
         del pos, t
         B = x_BxD.shape[0]
-        q, cq = self.q_conv.step(self.q_proj(x_BxD), cache["conv_q"])
-        k, ck = self.k_conv.step(self.k_proj(x_BxD), cache["conv_k"])
-        v, cv = self.v_conv.step(self.v_proj(x_BxD), cache["conv_v"])
+        q_raw, k_raw, v_raw, b_raw, a_raw, gate_raw = self._project(x_BxD)
+        q, cq = self.q_conv.step(q_raw, cache["conv_q"])
+        k, ck = self.k_conv.step(k_raw, cache["conv_k"])
+        v, cv = self.v_conv.step(v_raw, cache["conv_v"])
         q = l2_normalize(q.reshape(B, self.num_heads, self.head_dim))
         k = l2_normalize(k.reshape(B, self.num_heads, self.head_dim))
         v = v.reshape(B, self.num_v_heads, self.v_dim)
-        g, beta = self._gates(x_BxD)
-        o, S = gated_delta_rule_step(q, k, v, g, beta, cache["state"])
-        return self._output(o, x_BxD), dict(conv_q=cq, conv_k=ck, conv_v=cv, state=S)
+        g, beta = self._gates(b_raw, a_raw)
+        recurrence = decode_recurrence if self.one_read_step else gated_delta_rule_step
+        o, S = recurrence(q, k, v, g, beta, cache["state"])
+        return self._output(o, gate_raw), dict(conv_q=cq, conv_k=ck, conv_v=cv, state=S)
 
 
 class DeltaNet(GatedDeltaNet):

@@ -121,6 +121,9 @@ class Mamba2(nnx.Module):
         self.norm = GatedRMSNorm(E // G, eps=cfg.norm_eps, norm_before_gate=False)
         self.out_proj = linear(E, d, ("heads", "embed"), std=std, dtype=dt, rngs=rngs)
 
+    def fuse_for_inference(self):
+        """Nothing to do: in_proj already computes z, x, B, C and dt in one matmul."""
+
     def _split(self, zxbcdt):
         E, GN = self.d_inner, self.n_groups * self.d_state
         return zxbcdt[..., :E], zxbcdt[..., E:2 * E + 2 * GN], zxbcdt[..., 2 * E + 2 * GN:]

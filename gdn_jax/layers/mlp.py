@@ -1,9 +1,11 @@
-"""SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+"""SwiGLU feed-forward: down(silu(gate(x)) * up(x)); linear layers, alone or fused for inference."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn.dtypes import promote_dtype
 
 
 def linear(d_in: int, d_out: int, axes: tuple, *, std: float, dtype, rngs: nnx.Rngs,
@@ -15,11 +17,44 @@ def linear(d_in: int, d_out: int, axes: tuple, *, std: float, dtype, rngs: nnx.R
                       dtype=dtype, param_dtype="float32", rngs=rngs)
 
 
+class FusedLinear(nnx.Module):
+    """Bias-free linear maps of one input as one matmul, for inference:
+    (x W_1, ..., x W_n) = split(x [W_1 | ... | W_n]), x [..., d_in], W_i [d_in, d_i].
+
+    One matmul reads the same weight bytes as n of them but is one kernel launch, and x is read
+    once. Computes like nnx.Linear: x and the kernel promoted to `dtype`, no preferred type. The
+    kernel carries no sharding names (inference copies live on one device)."""
+
+    def __init__(self, linears: list[nnx.Linear]):
+        if any(lin.bias is not None for lin in linears):
+            raise ValueError("FusedLinear fuses bias-free linear layers only")
+        self.kernel = nnx.Param(jnp.concatenate([lin.kernel[...] for lin in linears], axis=1))
+        self.sizes = tuple(lin.out_features for lin in linears)
+        self.dtype = linears[0].dtype
+
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        x, w = promote_dtype((x, self.kernel[...]), dtype=self.dtype)
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        bounds = [0]
+        for size in self.sizes:
+            bounds.append(bounds[-1] + size)
+        return [y[..., a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 class SwiGLU(nnx.Module):
     def __init__(self, d_model: int, hidden: int, *, std: float, dtype, rngs: nnx.Rngs):
         self.gate_proj = linear(d_model, hidden, ("embed", "mlp"), std=std, dtype=dtype, rngs=rngs)
         self.up_proj = linear(d_model, hidden, ("embed", "mlp"), std=std, dtype=dtype, rngs=rngs)
         self.down_proj = linear(hidden, d_model, ("mlp", "embed"), std=std, dtype=dtype, rngs=rngs)
+        self.gate_up = nnx.data(None)  # FusedLinear of gate_proj and up_proj, inference only
+
+    def fuse_for_inference(self):
+        self.gate_up = FusedLinear([self.gate_proj, self.up_proj])
+        self.gate_proj = self.up_proj = None
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+        if self.gate_up is None:
+            gate, up = self.gate_proj(x_BxTxD), self.up_proj(x_BxTxD)
+        else:
+            gate, up = self.gate_up(x_BxTxD)
+        return self.down_proj(jax.nn.silu(gate) * up)

@@ -1,0 +1,236 @@
+"""generate()'s on-device token loop and the inference copy it runs on.
+
+The loop gives the tokens of stepping from Python and of the argmax of full-forward logits, with
+mixed prompt lengths; rows stop at EOS alone; the stream sees every token; bf16 inference copies
+keep float32 states and agree with float32; the default copy computes bit for bit what the training
+model does; decode_recurrence matches the float64 oracle; bad arguments fail before any compile.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.model import get_model_config
+from gdn_jax import generate as G
+from gdn_jax.inference import for_inference, is_inference_copy
+from gdn_jax.layers.gated_deltanet import decode_recurrence
+from gdn_jax.model import LM
+from gdn_jax.ops import gated_delta_rule_step
+from op_inputs import random_op_inputs
+from oracle import gated_delta_rule_oracle
+
+LENGTHS = (21, 9, 1)  # one batch, left-padded; 21 spans two 16-token chunks and the 16-token window
+N = 6
+
+
+@functools.lru_cache(maxsize=None)
+def lm(name, dtype="float32", gdn_impl="chunk", init_std=0.3):
+    """A random tiny LM (never mutated: the tests use copies). init_std 0.3: at 0.02 a random tiny
+    LM repeats one token, so agreement between decoders would say little."""
+    cfg = get_model_config(name, dtype=dtype, gdn_impl=gdn_impl, init_std=init_std)
+    return LM(cfg, rngs=nnx.Rngs(0))
+
+
+def left_padded_batch(lengths=LENGTHS, seed=1):
+    P = max(lengths)
+    rows = [np.asarray(jax.random.randint(jax.random.key(seed + i), (n,), 0, 256))
+            for i, n in enumerate(lengths)]
+    return rows, np.stack([np.pad(r, (P - len(r), 0), constant_values=7) for r in rows])
+
+
+def step_by_step(model, batch, lengths, n):
+    """Greedy decoding from Python: the same prefill, then one jitted decode_step per token."""
+    P = batch.shape[1]
+    segs = G.left_pad_segment_ids(jnp.asarray(lengths), P)
+    graphdef, state = nnx.split(model)
+    tok, cache, _ = G.prefill(graphdef, state, batch, segs, jax.random.key(0), cache_len=P + n,
+                              temperature=0.0, top_k=None, top_p=None)
+    out = [tok]
+    for _ in range(n - 1):
+        tok, _, cache = G.decode_step(graphdef, state, cache, tok, jax.random.key(0),
+                                      temperature=0.0, top_k=None, top_p=None)
+        out.append(tok)
+    return np.stack(out, axis=1)
+
+
+def full_forward_argmax(model, rows, new):
+    """argmax of the full forward's logits at each row's last prompt position and at its new tokens
+    but the last: right-padded to one length (causality keeps the pads out of earlier logits)."""
+    T = max(len(r) for r in rows) + new.shape[1]
+    seqs = np.stack([np.pad(np.concatenate([r, g]), (0, T - len(r) - len(g)))
+                     for r, g in zip(rows, new)])
+    logits = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(seqs)))
+    return np.stack([logits[b, len(r) - 1:len(r) - 1 + new.shape[1]].argmax(-1)
+                     for b, r in enumerate(rows)])
+
+
+@pytest.mark.parametrize("name,fuse", [("tiny", False), ("tiny_h1", True), ("tiny_h2", False)])
+def test_loop_matches_step_by_step_and_full_forward(name, fuse):
+    model = lm(name)
+    infer = for_inference(model, fuse=fuse)
+    rows, batch = left_padded_batch()
+    got = np.asarray(G.generate(infer, batch, max_new_tokens=N, temperature=0.0,
+                                prompt_lengths=np.array(LENGTHS)))
+    assert len(np.unique(got)) > N  # the test means something only if tokens vary
+    np.testing.assert_array_equal(got, step_by_step(infer, jnp.asarray(batch), LENGTHS, N))
+    np.testing.assert_array_equal(got, full_forward_argmax(model, rows, got))
+
+
+def test_pallas_prefill_hands_its_state_to_the_loop():
+    """Left-padded prompts through the Pallas kernels (interpret mode here) decode like chunk."""
+    rows, batch = left_padded_batch()
+    outs = [G.generate(lm("tiny", gdn_impl=impl), batch, max_new_tokens=N, temperature=0.0,
+                       prompt_lengths=np.array(LENGTHS)) for impl in ("chunk", "pallas")]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_rows_stop_at_eos_the_others_continue_and_the_stream_sees_every_token():
+    model = for_inference(lm("tiny"))
+    _, batch = left_padded_batch((8, 8, 8), seed=5)
+    n = 10
+    free = np.asarray(G.generate(model, batch, max_new_tokens=n, temperature=0.0))
+    eos = next(int(t) for t in free[0, 1:] if t not in free[1])  # row 1 never emits it
+    seen = []
+    got = np.asarray(G.generate(model, batch, max_new_tokens=n, temperature=0.0, eos_id=eos,
+                                callback=lambda i, t: seen.append((i, t))))
+    for r in range(3):
+        stop = int(np.argmax(free[r] == eos)) if eos in free[r] else n
+        np.testing.assert_array_equal(got[r, :stop], free[r, :stop])
+        assert (got[r, stop:] == eos).all()
+    stop = int(np.argmax(got[0] == eos))
+    assert eos not in got[1] and 0 < stop < n - 1
+    assert [i for i, _ in seen] == list(range(n))
+    np.testing.assert_array_equal(np.stack([t for _, t in seen], axis=1), got)
+    # Every row as row 0: all are done at `stop`, and the loop runs no step after that.
+    seen.clear()
+    same = np.repeat(batch[:1], 3, axis=0)
+    got = np.asarray(G.generate(model, same, max_new_tokens=n, temperature=0.0, eos_id=eos,
+                                callback=lambda i, t: seen.append((i, t))))
+    assert [i for i, _ in seen] == list(range(stop + 1))
+    np.testing.assert_array_equal(got, np.where(np.arange(n) < stop, free[:1], eos).repeat(3, 0))
+
+
+def test_bf16_inference_copy_keeps_float32_states_and_agrees_with_float32():
+    model = lm("tiny_h2", init_std=0.02)  # float32 weights and compute; the preset's init
+    bf16 = for_inference(model, dtype="bfloat16")
+    kernels = [m.kernel[...] for _, m in nnx.iter_modules(bf16) if isinstance(m, nnx.Linear)]
+    assert kernels and all(k.dtype == jnp.bfloat16 for k in kernels)
+    assert bf16.embedding[...].dtype == jnp.float32 and bf16.tied_head[...].dtype == jnp.bfloat16
+    assert is_inference_copy(bf16) and not is_inference_copy(lm("tiny_h2", dtype="bfloat16"))
+    tokens = jax.random.randint(jax.random.key(3), (2, 24), 0, 256)
+    prefill = nnx.jit(lambda m, t: m.prefill(t, cache_len=24))
+    step = nnx.jit(lambda m, x, c: m.step(x, c))
+    logits = {}
+    for key, m in (("f32", model), ("bf16", bf16)):
+        out, cache = prefill(m, tokens[:, :16])
+        steps = [out[:, -1]]
+        for t in range(16, 23):
+            step_logits, cache = step(m, tokens[:, t], cache)
+            steps.append(step_logits)
+        logits[key] = np.stack(steps, axis=1)
+        states = [c["state"] for c in cache["layers"] if "state" in c]
+        assert len(states) == 2 and all(s.dtype == jnp.float32 for s in states)  # Mamba2 and GDN
+    scale = np.abs(logits["f32"]).max()
+    err = np.abs(logits["bf16"] - logits["f32"]).max()
+    assert err < 0.02 * scale, (err, scale)  # bf16 has 8 bits of mantissa: ~0.4% per rounding
+    assert err > 1e-4 * scale  # and the copy really computed in bf16
+
+
+def test_default_inference_copy_is_bit_identical_to_the_training_model():
+    """A bf16 model's copy holds the values its matmuls cast to anyway: same logits, same tokens as
+    the pre-loop generate() (the training model stepped from Python), so eval results hold."""
+    model = lm("tiny_h1", dtype="bfloat16")
+    _, batch = left_padded_batch()
+    got = G.generate(for_inference(model), batch, max_new_tokens=N, temperature=0.0,
+                     prompt_lengths=np.array(LENGTHS))
+    np.testing.assert_array_equal(got, step_by_step(model, jnp.asarray(batch), LENGTHS, N))
+    caches = [G.prefill(*nnx.split(m), jnp.asarray(batch), G.left_pad_segment_ids(LENGTHS, 21),
+                        jax.random.key(0), cache_len=21 + N, temperature=0.0, top_k=None,
+                        top_p=None)[1] for m in (model, for_inference(model))]
+    for a, b in zip(jax.tree.leaves(caches[0]), jax.tree.leaves(caches[1])):
+        np.testing.assert_array_equal(a, b)
+
+
+def _convert_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "convert_element_type":
+            yield eqn
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _convert_eqns(inner)
+
+
+def test_loop_casts_no_weight_and_consumes_the_cache():
+    """No float32 -> compute-dtype cast of a weight inside the loop (the training model has them,
+    so the check can fail), and the donated cache is consumed rather than copied."""
+    casts = {}
+    _, batch = left_padded_batch()
+    segs = G.left_pad_segment_ids(LENGTHS, 21)
+    for key, model in (("train", lm("tiny_h1", dtype="bfloat16")),
+                       ("infer", for_inference(lm("tiny_h1", dtype="bfloat16")))):
+        graphdef, state = nnx.split(model)
+        weight_shapes = {m.kernel[...].shape for _, m in nnx.iter_modules(model)
+                         if isinstance(m, nnx.Linear)}
+        first, cache, rng = G.prefill(graphdef, state, jnp.asarray(batch), segs, jax.random.key(0),
+                                      cache_len=21 + N, temperature=0.0, top_k=None, top_p=None)
+        loop = functools.partial(G.decode_loop, graphdef, max_new_tokens=N, temperature=0.0,
+                                 top_k=None, top_p=None, eos_id=None, stream=False)
+        jaxpr = jax.make_jaxpr(loop)(state, cache, first, rng, jnp.int32(0)).jaxpr
+        casts[key] = [e for e in _convert_eqns(jaxpr) if e.invars[0].aval.shape in weight_shapes
+                      and e.invars[0].aval.dtype == jnp.float32]
+    loop(state, cache, first, rng, jnp.int32(0))
+    assert all(x.is_deleted() for x in jax.tree.leaves(cache))
+    assert casts["train"] and not casts["infer"]
+
+
+def test_decode_recurrence_matches_the_oracle_and_the_op_step():
+    x = random_op_inputs(0, B=2, T=1, H=2, HV=4, K=8, V=6, with_state=True)
+    o_ref, S_ref = gated_delta_rule_oracle(**x)
+    args = [jnp.asarray(x[n][:, 0]) for n in ("q", "k", "v", "g", "beta")]
+    S0 = jnp.asarray(x["initial_state"])
+    o, S = decode_recurrence(*args, S0)
+    np.testing.assert_allclose(o, o_ref[:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(S, S_ref, rtol=1e-5, atol=1e-5)
+    o_op, S_op = gated_delta_rule_step(*args, S0)
+    np.testing.assert_allclose(o, o_op, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(S, S_op, rtol=1e-5, atol=1e-5)
+
+
+BAD = [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=257), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(prompt_lengths=np.array([0, 4])), "prompt_lengths"),
+    (dict(prompt_lengths=np.array([5, 4])), "prompt_lengths"),
+    (dict(prompt_lengths=np.array([4, 4, 4])), "prompt_lengths"),
+    (dict(prompt_lengths=np.array([[4, 4]])), "prompt_lengths"),
+    (dict(cache_len=4 + 3 - 1), "cache_len"),
+    (dict(eos_id=256), "eos_id"),
+    (dict(prompt=np.full((2, 4), 256)), "prompt_tokens"),
+    (dict(prompt=np.ones((4,), np.int32)), "prompt_tokens"),
+    (dict(temperature=0.8, rng=None), "rng"),
+]
+
+
+@pytest.mark.parametrize("bad,name", BAD, ids=[f"{n}-{i}" for i, (_, n) in enumerate(BAD)])
+def test_bad_arguments_raise_before_anything_compiles(bad, name, monkeypatch):
+    def compiled(*a, **k):
+        raise AssertionError("compiled before validating")
+    monkeypatch.setattr(G, "prefill", compiled)
+    monkeypatch.setattr(G, "decode_loop", compiled)
+    kw = dict(prompt=np.ones((2, 4), np.int32), max_new_tokens=3, temperature=1.0,
+              rng=jax.random.key(0))
+    kw.update(bad)
+    with pytest.raises(ValueError, match=name):
+        G.generate(lm("tiny"), kw.pop("prompt"), **kw)
