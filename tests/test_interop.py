@@ -8,6 +8,7 @@ The fixtures in tests/data/fla were written by FLA 0.6.0 itself (bench/make_fla_
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -342,11 +343,17 @@ def test_missing_files(tmp_path):
 # ---- command line: import-fla -> eval.py / train.py -> export-fla ------------------------------
 
 
+def _train(*args):
+    """train.py in a subprocess: it sets XLA:CPU flags that must precede the backend's start."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @needs_fixtures
 def test_import_eval_finetune_export(tmp_path, capsys):
     sys.path.insert(0, ROOT)
     import eval as eval_cli
-    import train as train_cli
     from gdn_jax.interop.__main__ import main as interop_main
     from gdn_jax.train import checkpoint
 
@@ -371,7 +378,7 @@ def test_import_eval_finetune_export(tmp_path, capsys):
 
     # Fine-tune into a new workdir. The first step's learning rate is 0 (warm-up), so its
     # checkpoint holds exactly the imported weights: proof that training started from them.
-    assert train_cli.main(["--init_from", wd, "--workdir", ft, "--steps", "1"]) == 0
+    _train("--init_from", wd, "--workdir", ft, "--steps", "1")
     assert checkpoint.checkpoint_steps(ft) == [1]
     imported = model_params(model)
     tuned = model_params(checkpoint.load_params(ft, 1)[1])
@@ -381,9 +388,9 @@ def test_import_eval_finetune_export(tmp_path, capsys):
     assert np.isfinite(metrics[-1]["loss"])
 
     # Or in place: the weights-only checkpoint starts the run, which then resumes normally.
-    assert train_cli.main(["--workdir", wd, "--steps", "2"]) == 0
+    _train("--workdir", wd, "--steps", "2")
     assert checkpoint.checkpoint_steps(wd) == [0, 2] and not checkpoint.is_weights_only(wd, 2)
-    assert train_cli.main(["--workdir", wd, "--steps", "3"]) == 0
+    _train("--workdir", wd, "--steps", "3")
     assert checkpoint.checkpoint_steps(wd)[-1] == 3
     moved = model_params(checkpoint.load_params(wd, 3)[1])
     assert any(not np.array_equal(imported[k], moved[k]) for k in imported)
