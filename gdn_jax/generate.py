@@ -92,23 +92,25 @@ def prefill(graphdef, state, tokens_BxP, segment_ids_BxP, rng, *, cache_len, tem
     return first_B, cache, rng
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "temperature", "top_k",
                                              "top_p", "eos_id", "stream"),
                    donate_argnames=("cache",))
-def decode_loop(graphdef, state, cache, first_B, rng, stream_id, *, max_new_tokens, temperature,
-                top_k, top_p, eos_id, stream):
-    """The token loop: out[:, 0] = first_B; out[:, i] = sample(LM.step(out[:, i-1])) for i < N,
+def decode_loop(graphdef, state, cache, first_B, rng, stream_id, num_tokens, *, capacity,
+                temperature, top_k, top_p, eos_id, stream):
+    """The token loop: out[:, 0] = first_B; out[:, i] = sample(LM.step(out[:, i-1])) for
+    i < N = num_tokens (an int32 scalar <= capacity, so one compile serves every N up to it),
     stopping early once every row has emitted eos_id (the rest of the output is eos_id).
-    Returns (out [B, N] int32, the final cache, number of tokens produced per row)."""
+    Returns (out [B, capacity] int32, of which the first N columns are the tokens; the final
+    cache; the number of columns written)."""
     model = nnx.merge(graphdef, state)
-    B, N = first_B.shape[0], max_new_tokens
+    B, N = first_B.shape[0], num_tokens
 
     def emit(i, tok_B):
         if stream:
             io_callback(_emit, None, stream_id, i, tok_B, ordered=True)
 
     fill = 0 if eos_id is None else eos_id
-    out_BxN = jnp.full((B, N), fill, jnp.int32).at[:, 0].set(first_B)
+    out_BxN = jnp.full((B, capacity), fill, jnp.int32).at[:, 0].set(first_B)
     done_B = jnp.zeros((B,), bool) if eos_id is None else first_B == eos_id
     emit(0, first_B)
 
@@ -270,8 +272,15 @@ def generate(model, prompt_tokens_BxP, *, max_new_tokens: int, temperature: floa
     rng = jax.random.key(0) if rng is None else rng
     first_B, cache, rng = prefill(graphdef, state, a["tokens"], a["segment_ids"], rng,
                                   cache_len=a["cache_len"], **a["sampling"])
+    N = a["max_new_tokens"]
     with streaming(callback) as stream_id:
-        out_BxN, _, _ = decode_loop(graphdef, state, cache, first_B, rng, stream_id,
-                                    max_new_tokens=a["max_new_tokens"], eos_id=a["eos_id"],
-                                    stream=callback is not None, **a["sampling"])
-    return out_BxN
+        out, _, _ = decode_loop(graphdef, state, cache, first_B, rng, stream_id,
+                                jnp.asarray(N, jnp.int32), capacity=loop_capacity(N),
+                                eos_id=a["eos_id"], stream=callback is not None, **a["sampling"])
+    return out[:, :N]
+
+
+def loop_capacity(max_new_tokens: int) -> int:
+    """The output width decode_loop is compiled for: max_new_tokens rounded up to a power of two
+    (at least 16), so calls with different token budgets share a compile."""
+    return max(16, 1 << (max_new_tokens - 1).bit_length())

@@ -7,6 +7,8 @@ model does; decode_recurrence matches the float64 oracle; bad arguments fail bef
 """
 
 import functools
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -179,12 +181,13 @@ def test_loop_casts_no_weight_and_consumes_the_cache():
                          if isinstance(m, nnx.Linear)}
         first, cache, rng = G.prefill(graphdef, state, jnp.asarray(batch), segs, jax.random.key(0),
                                       cache_len=21 + N, temperature=0.0, top_k=None, top_p=None)
-        loop = functools.partial(G.decode_loop, graphdef, max_new_tokens=N, temperature=0.0,
-                                 top_k=None, top_p=None, eos_id=None, stream=False)
-        jaxpr = jax.make_jaxpr(loop)(state, cache, first, rng, jnp.int32(0)).jaxpr
-        casts[key] = [e for e in _convert_eqns(jaxpr) if e.invars[0].aval.shape in weight_shapes
+        loop = functools.partial(G.decode_loop, graphdef, capacity=G.loop_capacity(N),
+                                 temperature=0.0, top_k=None, top_p=None, eos_id=None, stream=False)
+        args = (state, cache, first, rng, jnp.int32(0), jnp.int32(N))
+        casts[key] = [e for e in _convert_eqns(jax.make_jaxpr(loop)(*args).jaxpr)
+                      if e.invars[0].aval.shape in weight_shapes
                       and e.invars[0].aval.dtype == jnp.float32]
-    loop(state, cache, first, rng, jnp.int32(0))
+    loop(*args)
     assert all(x.is_deleted() for x in jax.tree.leaves(cache))
     assert casts["train"] and not casts["infer"]
 
@@ -234,3 +237,32 @@ def test_bad_arguments_raise_before_anything_compiles(bad, name, monkeypatch):
     kw.update(bad)
     with pytest.raises(ValueError, match=name):
         G.generate(lm("tiny"), kw.pop("prompt"), **kw)
+
+
+def _bench():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    import generate_throughput
+    return generate_throughput
+
+
+def test_bench_memory_floor_counts_the_bytes_of_a_step():
+    """tiny (2 GDN layers, d 64, 2 heads K 32 V 64, MLP 128, tied vocab 256), B = 2, by hand:
+    bf16 projection kernels 2 x (2 x 64x64 + 3 x 64x128 + 2 x 64x2 + 128x64 + 2 x 64x128 + 128x64)
+    = 2 x 57,600 x 2 B; float32 small params (2 x 1,220 + final norm 64) x 4 B; the bf16 tied head
+    256 x 64 x 2 B; two float32 embedding rows 2 x 64 x 4 B; and, read and written, per layer the
+    bf16 conv windows 2 x 3 x (64 + 64 + 128) x 2 B and the float32 state 2 x 2 x 32 x 64 x 4 B,
+    plus pos [2] and t (int32)."""
+    model = for_inference(lm("tiny", dtype="bfloat16", init_std=0.02))
+    weights = 2 * 57_600 * 2 + (2 * 1_220 + 64) * 4 + 256 * 64 * 2 + 2 * 64 * 4
+    cache = 2 * (2 * 3 * 256 * 2 + 2 * 2 * 32 * 64 * 4) + 2 * 4 + 4
+    assert _bench().floor_bytes(model, jnp.zeros((2, 8), jnp.int32), 4) == weights + 2 * cache
+
+
+def test_bench_smoke_run_prints_its_tables(capsys):
+    _bench().main(["--smoke", "--configs", "tiny", "--batches", "1", "--variants", "loop",
+                   "--prefill", "32", "--no-fla"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| tiny | loop | 1 |"))
+    ms, tok_s, gen_ms, floor_ms = (float(x.replace(",", "")) for x in row.split("|")[4:8])
+    assert 0 < ms < 1e3 and abs(tok_s - 1e3 / ms) < 0.01 * tok_s and gen_ms > 0 and floor_ms > 0
+    assert "| tiny | 32 |" in out

@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -128,23 +127,28 @@ def mqar_settings(run: Run, args) -> tuple[int, int, list[int]]:
 
 
 def make_generate_fn(run: Run, **sampling):
-    """generate_fn(prompt_BxP, max_new_tokens) -> new tokens [B, max_new_tokens]; greedy unless
-    sampling options (temperature, top_k, top_p, seed) say otherwise."""
-    from gdn_jax import generate as gen
+    """generate_fn(prompt_BxP, max_new_tokens, eos_id=None) -> new tokens [B, max_new_tokens];
+    greedy unless sampling options (temperature, top_k, top_p, seed) say otherwise.
 
+    The model's inference copy (weights cast once to the compute dtype, gdn_jax/inference.py) is
+    made here, once; each call is one compiled prefill and one compiled on-device token loop."""
+    from gdn_jax import generate as gen
+    from gdn_jax.inference import for_inference
+
+    model = for_inference(run.model)
     temperature = sampling.get("temperature", 0.0)
     seed = sampling.get("seed", 0)
 
-    def generate_fn(prompt_BxP: np.ndarray, max_new_tokens: int) -> np.ndarray:
-        prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
+    def generate_fn(prompt_BxP: np.ndarray, max_new_tokens: int, eos_id: int | None = None):
         out = gen.generate(
-            run.model,
-            prompt_BxP,
+            model,
+            np.asarray(prompt_BxP, np.int32),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_k=sampling.get("top_k"),
             top_p=sampling.get("top_p"),
             rng=jax.random.key(seed),
+            eos_id=eos_id,
         )
         return np.asarray(out)  # [B, max_new_tokens], the prompt not repeated
 
@@ -161,12 +165,12 @@ def sample_text(
     top_p: float | None,
     seed: int,
 ) -> str:
-    """A sampled continuation of `prompt`, decoded; stops early at EOS."""
+    """A sampled continuation of `prompt`, decoded; the loop stops at EOS."""
     ids = np.asarray([bos_prefix(run) + list(run.tokenizer.encode(prompt))], np.int32)
-    new = make_generate_fn(run, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)(
-        ids, max_new_tokens
-    )[0].tolist()
     eos = run.tokenizer.eos_id
+    new = make_generate_fn(run, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)(
+        ids, max_new_tokens, eos_id=eos
+    )[0].tolist()
     if eos is not None and eos in new:
         new = new[: new.index(eos)]
     return run.tokenizer.decode(new)
