@@ -12,6 +12,8 @@ Decode rows (B in --batches, prompt --prompt tokens, --new new tokens), one per 
           read once per step for both of its products.
   stream  loop with a no-op streaming callback on every token (the callback's cost).
   python  before issue 11: float32 parameters, one jitted decode_step dispatched from Python per token.
+  A suffix -sK (loop-s8, fused-s8) tests the stop condition every K steps instead of every step
+  (generate(check_every=K): on a GPU each test is a device-to-host read of the loop predicate).
   "ms/token" is the token loop alone (N - 1 steps after prefill; for python, its N - 1 dispatches);
   tokens/s = B / that. "generate()" is the whole call (validation, prefill, loop) over N tokens.
   "floor" is the memory floor of one step: the bytes it must move at least, over the bandwidth. Bytes:
@@ -53,8 +55,8 @@ def _ints(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--configs", default="fla_gdn_1.3b,gdn_1.3b", help="model presets, comma list")
-    p.add_argument("--variants", default="loop,fused,stream,python",
-                   help="comma list of loop, fused, stream, python")
+    p.add_argument("--variants", default="loop,loop-s8,fused,fused-s8,stream,python",
+                   help="comma list of loop, fused, stream, python; -sK suffix: check_every=K")
     p.add_argument("--batches", default="1,16,64,256", help="decode batch sizes")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens of the decode rows")
     p.add_argument("--new", type=int, default=128, help="new tokens per decode row")
@@ -76,11 +78,18 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.configs = [c for c in args.configs.split(",") if c]
     args.variants = [v for v in args.variants.split(",") if v]
-    bad = set(args.variants) - {"loop", "fused", "stream", "python"}
+    bad = [v for v in args.variants if split_variant(v)[0] not in ("loop", "fused", "stream", "python")
+           or (split_variant(v)[0] == "python" and split_variant(v)[1] != 1)]
     if bad:
-        p.error(f"unknown variants {sorted(bad)}")
+        p.error(f"unknown variants {bad}")
     args.batches, args.prefill = _ints(args.batches), _ints(args.prefill)
     return args
+
+
+def split_variant(name):
+    """'fused-s8' -> ('fused', 8); 'loop' -> ('loop', 1)."""
+    base, _, k = name.partition("-s")
+    return base, int(k) if k.isdigit() else (1 if not k else -1)
 
 
 def median_time(fn, iters):
@@ -137,7 +146,8 @@ class Ours:
         import jax
         from flax import nnx
 
-        self.model, self.variant = model, variant
+        self.model = model
+        self.variant, self.check_every = split_variant(variant)
         self.graphdef, self.state = nnx.split(model)
         self.key = jax.random.key(0)
 
@@ -161,7 +171,8 @@ class Ours:
             out, _, _ = G.decode_loop(self.graphdef, self.state, cache, first, rng, sid,
                                       jnp.asarray(N, jnp.int32), capacity=G.loop_capacity(N),
                                       temperature=0.0, top_k=None, top_p=None, eos_id=None,
-                                      stream=self.variant == "stream")
+                                      stream=self.variant == "stream",
+                                      check_every=self.check_every)
             return out.block_until_ready()
 
     def decode(self, tokens, N, iters, profile_dir=None):
@@ -190,7 +201,8 @@ class Ours:
         if self.variant != "python":
             cb = (lambda i, t: None) if self.variant == "stream" else None
             gen = median_time(lambda: generate(self.model, tokens, max_new_tokens=N, temperature=0.0,
-                                               callback=cb).block_until_ready(), iters) / N
+                                               callback=cb, check_every=self.check_every
+                                               ).block_until_ready(), iters) / N
         return statistics.median(times) / (N - 1), gen
 
     def prefill_seconds(self, tokens, iters):
@@ -215,7 +227,8 @@ class FLA:
             intermediate_size=cfg.mlp_hidden, vocab_size=cfg.vocab_size, norm_eps=cfg.norm_eps,
             tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=1 << 20)
         self.torch = torch
-        self.model = GatedDeltaNetForCausalLM(config).to("cuda", torch.bfloat16).eval()
+        with torch.device("cuda"):
+            self.model = GatedDeltaNetForCausalLM(config).to(torch.bfloat16).eval()
         self.vocab = cfg.vocab_size
 
     def _timed(self, fn, iters):
@@ -258,6 +271,17 @@ def try_fla(cfg, enabled):
         return None, f"{type(e).__name__}: {str(e)[:80]}"
 
 
+def fla_seconds(fla, method, *args):
+    """FLA's time, or None (printed) when FLA is off or fails at this shape."""
+    if fla is None:
+        return None
+    try:
+        return getattr(fla, method)(*args)
+    except Exception as e:  # e.g. out of memory at a large batch
+        print(f"   FLA {method}{args} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     from gdn_jax.xla_flags import single_threaded_eigen_on_cpu
@@ -285,11 +309,12 @@ def main(argv=None):
         overrides = {} if args.gdn_impl is None else dict(gdn_impl=args.gdn_impl)
         cfg = get_model_config(name, **overrides)
         raw = LM(cfg, rngs=nnx.Rngs(0))
+        bases = {split_variant(v)[0] for v in args.variants}
         models = {"loop": for_inference(raw, dtype=args.dtype)}
         models["stream"] = models["loop"]
-        if "fused" in args.variants:
+        if "fused" in bases:
             models["fused"] = for_inference(raw, dtype=args.dtype, fuse=True)
-        if "python" in args.variants:
+        if "python" in bases:
             models["python"] = raw
         del raw
         print(f"== {name}: {count_params(cfg) / 1e6:,.1f}M params, gdn_impl {cfg.gdn_impl}", flush=True)
@@ -298,13 +323,14 @@ def main(argv=None):
             print(f"   FLA not timed: {fla_note}", flush=True)
         for B in args.batches:
             tokens = jax.random.randint(jax.random.key(B), (B, args.prompt), 0, cfg.vocab_size)
-            fla_s = fla.decode(B, args.prompt, args.new, args.iters) if fla else None
+            fla_s = fla_seconds(fla, "decode", B, args.prompt, args.new, args.iters)
             floor_ms = 1e3 * floor_bytes(models["loop"], tokens, args.new) / bw
             for v in args.variants:
                 prof = None
                 if args.profile and v == args.variants[0]:
                     prof = os.path.join(args.profile, f"{name}_B{B}")
-                s, gen = Ours(models[v], v).decode(tokens, args.new, args.iters, prof)
+                s, gen = Ours(models[split_variant(v)[0]], v).decode(tokens, args.new, args.iters,
+                                                                     prof)
                 row = dict(config=name, variant=v, B=B, ms=1e3 * s, tok_s=B / s,
                            gen_ms=None if gen is None else 1e3 * gen, floor_ms=floor_ms,
                            fla_ms=None if fla_s is None else 1e3 * fla_s)
@@ -313,7 +339,7 @@ def main(argv=None):
         for P in args.prefill:
             tokens = jax.random.randint(jax.random.key(P), (1, P), 0, cfg.vocab_size)
             s = Ours(models["loop"], "loop").prefill_seconds(tokens, args.iters)
-            fla_s = fla.prefill_seconds(P, args.iters) if fla else None
+            fla_s = fla_seconds(fla, "prefill_seconds", P, args.iters)
             row = dict(config=name, P=P, ms=1e3 * s, tok_s=P / s,
                        floor_ms=None if peak is None else 1e3 * P * flops_per_token(cfg, P) / 3 / peak,
                        fla_tok_s=None if fla_s is None else P / fla_s)

@@ -93,24 +93,29 @@ def prefill(graphdef, state, tokens_BxP, segment_ids_BxP, rng, *, cache_len, tem
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "temperature", "top_k",
-                                             "top_p", "eos_id", "stream"),
+                                             "top_p", "eos_id", "stream", "check_every"),
                    donate_argnames=("cache",))
 def decode_loop(graphdef, state, cache, first_B, rng, stream_id, num_tokens, *, capacity,
-                temperature, top_k, top_p, eos_id, stream):
+                temperature, top_k, top_p, eos_id, stream, check_every=1):
     """The token loop: out[:, 0] = first_B; out[:, i] = sample(LM.step(out[:, i-1])) for
     i < N = num_tokens (an int32 scalar <= capacity, so one compile serves every N up to it),
     stopping early once every row has emitted eos_id (the rest of the output is eos_id).
-    Returns (out [B, capacity] int32, of which the first N columns are the tokens; the final
-    cache; the number of columns written)."""
+
+    check_every = k runs k steps between tests of the stop condition (an inner loop of static
+    trip count): a while loop whose condition depends on data makes the host read it back after
+    every iteration on a GPU, so k > 1 trades up to k - 1 wasted steps at the end for k times
+    fewer of those read-backs. Steps past N change nothing that is returned but the cache.
+    Returns (out [B, capacity + check_every - 1] int32, of which the first N columns are the
+    tokens; the final cache; the number of steps run plus one)."""
     model = nnx.merge(graphdef, state)
     B, N = first_B.shape[0], num_tokens
 
     def emit(i, tok_B):
         if stream:
-            io_callback(_emit, None, stream_id, i, tok_B, ordered=True)
+            io_callback(_emit, None, stream_id, i, N, tok_B, ordered=True)
 
     fill = 0 if eos_id is None else eos_id
-    out_BxN = jnp.full((B, capacity), fill, jnp.int32).at[:, 0].set(first_B)
+    out_BxC = jnp.full((B, capacity + check_every - 1), fill, jnp.int32).at[:, 0].set(first_B)
     done_B = jnp.zeros((B,), bool) if eos_id is None else first_B == eos_id
     emit(0, first_B)
 
@@ -118,21 +123,26 @@ def decode_loop(graphdef, state, cache, first_B, rng, stream_id, num_tokens, *, 
         i, _, _, _, done_B, _ = carry
         return (i < N) & ~jnp.all(done_B)
 
-    def body(carry):
-        i, tok_B, cache, out_BxN, done_B, rng = carry
+    def step(carry):
+        i, tok_B, cache, out_BxC, done_B, rng = carry
         logits_BxV, cache = model.step(tok_B, cache)
         rng, key = jax.random.split(rng)
         tok_B = sample_logits(logits_BxV, key, temperature=temperature, top_k=top_k, top_p=top_p)
         if eos_id is not None:
             tok_B = jnp.where(done_B, eos_id, tok_B)
             done_B = done_B | (tok_B == eos_id)
-        out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, tok_B[:, None], i, axis=1)
+        out_BxC = jax.lax.dynamic_update_slice_in_dim(out_BxC, tok_B[:, None], i, axis=1)
         emit(i, tok_B)
-        return i + 1, tok_B, cache, out_BxN, done_B, rng
+        return i + 1, tok_B, cache, out_BxC, done_B, rng
 
-    carry = (jnp.asarray(1, jnp.int32), first_B, cache, out_BxN, done_B, rng)
-    steps, _, cache, out_BxN, _, _ = jax.lax.while_loop(cond, body, carry)
-    return out_BxN, cache, steps
+    def body(carry):
+        if check_every == 1:
+            return step(carry)
+        return jax.lax.fori_loop(0, check_every, lambda _, c: step(c), carry)
+
+    carry = (jnp.asarray(1, jnp.int32), first_B, cache, out_BxC, done_B, rng)
+    steps, _, cache, out_BxC, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out_BxC, cache, steps
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"),
@@ -151,8 +161,9 @@ _STREAMS: dict[int, Callback] = {}
 _STREAM_IDS = itertools.count(1)
 
 
-def _emit(stream_id, i, tokens_B):
-    _STREAMS[int(stream_id)](int(i), np.asarray(tokens_B))
+def _emit(stream_id, i, n, tokens_B):
+    if i < n:  # steps past N (check_every > 1) are not streamed
+        _STREAMS[int(stream_id)](int(i), np.asarray(tokens_B))
 
 
 @contextlib.contextmanager
@@ -184,7 +195,7 @@ def _integer(name: str, value) -> int:
 
 
 def check_generate_args(vocab_size: int, prompt_BxP, *, max_new_tokens, temperature, top_k, top_p,
-                        rng, prompt_lengths, eos_id, cache_len) -> dict:
+                        rng, prompt_lengths, eos_id, cache_len, check_every=1) -> dict:
     """Validates generate()'s arguments before anything is compiled; each bad one is a ValueError
     that names it. Returns the normalised values: tokens, segment_ids, cache_len and the static
     sampling options (top_k / top_p dropped for greedy decoding)."""
@@ -231,9 +242,12 @@ def check_generate_args(vocab_size: int, prompt_BxP, *, max_new_tokens, temperat
     elif _integer("cache_len", cache_len) < need:
         raise ValueError(f"cache_len = {cache_len} attention slots cannot hold the prompt (P = {P}) "
                          f"plus max_new_tokens = {N}: {need} tokens")
+    if _integer("check_every", check_every) < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     greedy = temperature == 0
     return dict(tokens=jnp.asarray(tokens, jnp.int32), segment_ids=segment_ids,
                 cache_len=int(cache_len), max_new_tokens=N, eos_id=eos_id,
+                check_every=int(check_every),
                 sampling=dict(temperature=float(temperature), top_k=None if greedy else top_k,
                               top_p=None if greedy or top_p is None else float(top_p)))
 
@@ -244,7 +258,7 @@ def check_generate_args(vocab_size: int, prompt_BxP, *, max_new_tokens, temperat
 def generate(model, prompt_tokens_BxP, *, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
              prompt_lengths=None, eos_id: int | None = None, callback: Callback | None = None,
-             cache_len: int | None = None) -> jax.Array:
+             cache_len: int | None = None, check_every: int = 1) -> jax.Array:
     """Samples up to max_new_tokens tokens after each prompt, the loop on the device.
 
     Args:
@@ -258,6 +272,8 @@ def generate(model, prompt_tokens_BxP, *, max_new_tokens: int, temperature: floa
       eos_id: a row that emits it keeps emitting it; when every row has, the loop ends.
       callback: callback(i, tokens_B) on the host for each new token i (see the module docstring).
       cache_len: KV slots of the attention layers; default P + N, the least that serves the call.
+      check_every: decode steps between tests of "N tokens out or every row done" (see
+        decode_loop); outputs do not depend on it.
     Returns:
       [B, max_new_tokens] int32 new tokens (the prompt is not repeated).
     Raises:
@@ -265,7 +281,8 @@ def generate(model, prompt_tokens_BxP, *, max_new_tokens: int, temperature: floa
     """
     a = check_generate_args(model.cfg.vocab_size, prompt_tokens_BxP, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p, rng=rng,
-                            prompt_lengths=prompt_lengths, eos_id=eos_id, cache_len=cache_len)
+                            prompt_lengths=prompt_lengths, eos_id=eos_id, cache_len=cache_len,
+                            check_every=check_every)
     if not is_inference_copy(model):
         model = for_inference(model)
     graphdef, state = nnx.split(model)
@@ -276,7 +293,8 @@ def generate(model, prompt_tokens_BxP, *, max_new_tokens: int, temperature: floa
     with streaming(callback) as stream_id:
         out, _, _ = decode_loop(graphdef, state, cache, first_B, rng, stream_id,
                                 jnp.asarray(N, jnp.int32), capacity=loop_capacity(N),
-                                eos_id=a["eos_id"], stream=callback is not None, **a["sampling"])
+                                eos_id=a["eos_id"], stream=callback is not None,
+                                check_every=a["check_every"], **a["sampling"])
     return out[:, :N]
 
 

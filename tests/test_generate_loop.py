@@ -76,7 +76,7 @@ def test_loop_matches_step_by_step_and_full_forward(name, fuse):
     infer = for_inference(model, fuse=fuse)
     rows, batch = left_padded_batch()
     got = np.asarray(G.generate(infer, batch, max_new_tokens=N, temperature=0.0,
-                                prompt_lengths=np.array(LENGTHS)))
+                                prompt_lengths=np.array(LENGTHS), check_every=1 + 2 * fuse))
     assert len(np.unique(got)) > N  # the test means something only if tokens vary
     np.testing.assert_array_equal(got, step_by_step(infer, jnp.asarray(batch), LENGTHS, N))
     np.testing.assert_array_equal(got, full_forward_argmax(model, rows, got))
@@ -113,7 +113,16 @@ def test_rows_stop_at_eos_the_others_continue_and_the_stream_sees_every_token():
     got = np.asarray(G.generate(model, same, max_new_tokens=n, temperature=0.0, eos_id=eos,
                                 callback=lambda i, t: seen.append((i, t))))
     assert [i for i, _ in seen] == list(range(stop + 1))
-    np.testing.assert_array_equal(got, np.where(np.arange(n) < stop, free[:1], eos).repeat(3, 0))
+    want = np.where(np.arange(n) < stop, free[:1], eos).repeat(3, 0)
+    np.testing.assert_array_equal(got, want)
+    # Testing the stop condition every 4 steps: the same tokens; the stream may see up to 3 more
+    # steps, all EOS.
+    seen.clear()
+    got = np.asarray(G.generate(model, same, max_new_tokens=n, temperature=0.0, eos_id=eos,
+                                callback=lambda i, t: seen.append((i, t)), check_every=4))
+    np.testing.assert_array_equal(got, want)
+    assert stop + 1 <= len(seen) <= min(n, stop + 4) and [i for i, _ in seen] == list(range(len(seen)))
+    assert all((t == eos).all() for _, t in seen[stop:])
 
 
 def test_bf16_inference_copy_keeps_float32_states_and_agrees_with_float32():
@@ -182,7 +191,8 @@ def test_loop_casts_no_weight_and_consumes_the_cache():
         first, cache, rng = G.prefill(graphdef, state, jnp.asarray(batch), segs, jax.random.key(0),
                                       cache_len=21 + N, temperature=0.0, top_k=None, top_p=None)
         loop = functools.partial(G.decode_loop, graphdef, capacity=G.loop_capacity(N),
-                                 temperature=0.0, top_k=None, top_p=None, eos_id=None, stream=False)
+                                 temperature=0.0, top_k=None, top_p=None, eos_id=None, stream=False,
+                                 check_every=1)
         args = (state, cache, first, rng, jnp.int32(0), jnp.int32(N))
         casts[key] = [e for e in _convert_eqns(jax.make_jaxpr(loop)(*args).jaxpr)
                       if e.invars[0].aval.shape in weight_shapes
@@ -223,6 +233,7 @@ BAD = [
     (dict(prompt=np.full((2, 4), 256)), "prompt_tokens"),
     (dict(prompt=np.ones((4,), np.int32)), "prompt_tokens"),
     (dict(temperature=0.8, rng=None), "rng"),
+    (dict(check_every=0), "check_every"),
 ]
 
 
