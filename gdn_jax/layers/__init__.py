@@ -2,6 +2,7 @@
 
     y, cache = mixer(x_BxTxD, segment_ids=None, positions=None, cache_len=None)
     y_BxD, cache = mixer.step(x_BxD, cache, pos=pos_B, t=t)
+    mixer.fuse_for_inference()    # inference copies only: one matmul per group of projections
 """
 
 from gdn_jax.layers.attention import Attention
