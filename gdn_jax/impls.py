@@ -5,7 +5,8 @@
   "pallas_triton"  Pallas kernels, all lowered through Triton (any CUDA GPU; interpret mode on a CPU).
   "pallas_mosaic"  the same, with the two sequential sweeps on Mosaic GPU (Hopper wgmma and TMA;
                    bf16/f16 inputs, chunk size 64; interpret mode on a CPU needs jax >= 0.12).
-  "pallas"         the fastest Pallas path the call can run on this device (`PALLAS_PREFERENCE`).
+  "pallas"         the fastest Pallas path the call can run on this device (`PALLAS_PREFERENCE`, from
+                   measurements in docs/benchmarks.md).
   "auto"           "pallas" on a GPU, "chunk" elsewhere.
 """
 
@@ -65,8 +66,18 @@ IMPLEMENTATIONS = {
 }
 ALIASES = ("pallas", "auto")
 IMPLS = (*IMPLEMENTATIONS, *ALIASES)
-# What "pallas" tries, in order, on a Hopper GPU (docs/benchmarks.md has the measurements behind it).
-PALLAS_PREFERENCE = ("pallas_mosaic", "pallas_triton")
+
+
+def _mosaic_measured_faster(K: int, V: int) -> bool:
+    # H200, jax 0.11.2, 2026-12-02 (docs/benchmarks.md, "Kernels v2"): the Mosaic sweeps beat the
+    # Triton ones at K = 128 (forward+backward 1.19x to 1.35x) and lose at K = 256 (0.88x to 0.91x),
+    # where their one warpgroup holds a [256, 64] float32 state and the q, k tiles allow one stage.
+    from kernels_pallas.gated_delta_rule import padded_head_dims
+    return padded_head_dims(K, V)[0] <= 128
+
+
+# What "pallas" tries on a Hopper GPU, in order: (implementation, when it is the faster choice).
+PALLAS_PREFERENCE = (("pallas_mosaic", _mosaic_measured_faster), ("pallas_triton", lambda K, V: True))
 
 
 def on_hopper() -> bool:
@@ -82,10 +93,11 @@ def resolve(impl: str, *, dtype, K: int, V: int, chunk_size: int) -> str:
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" else "chunk"
     if impl == "pallas":
-        # Without a GPU "pallas" means the portable kernels in interpret mode.
-        candidates = PALLAS_PREFERENCE if on_hopper() else ("pallas_triton",)
-        return next(name for name in candidates
-                    if IMPLEMENTATIONS[name].supports(dtype, K, V, chunk_size) is None)
+        # Without a Hopper GPU "pallas" means the portable kernels (in interpret mode on a CPU).
+        if not on_hopper():
+            return "pallas_triton"
+        return next(name for name, faster in PALLAS_PREFERENCE
+                    if faster(K, V) and IMPLEMENTATIONS[name].supports(dtype, K, V, chunk_size) is None)
     reason = IMPLEMENTATIONS[impl].supports(dtype, K, V, chunk_size)
     if reason is not None:
         raise ValueError(f"impl={impl!r} cannot run this call: {reason}")

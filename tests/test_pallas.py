@@ -250,3 +250,19 @@ def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
                                                    out_dtype=BF16)
     lowered = jax.jit(fn).trace(q, T_inv, g, v, S0).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_pallas_on_hopper_follows_the_measured_preference(monkeypatch):
+    """On a Hopper GPU "pallas" is Mosaic where it measured faster (K <= 128) and Triton elsewhere or
+    where Mosaic cannot run the call (float32, chunk size 32)."""
+    monkeypatch.setattr(impls, "on_hopper", lambda: True)
+    runs = impls.IMPLEMENTATIONS["pallas_mosaic"]._replace(
+        supports=lambda dtype, K, V, C: None if (jnp.dtype(dtype) == BF16 and C == 64) else "no")
+    monkeypatch.setitem(impls.IMPLEMENTATIONS, "pallas_mosaic", runs)
+    pick = lambda dtype, K, V, C: impls.resolve("pallas", dtype=dtype, K=K, V=V, chunk_size=C)
+    assert pick(BF16, 128, 128, 64) == "pallas_mosaic"
+    assert pick(BF16, 100, 80, 64) == "pallas_mosaic"
+    assert pick(BF16, 200, 400, 64) == "pallas_triton"
+    assert pick(BF16, 256, 512, 64) == "pallas_triton"
+    assert pick(jnp.float32, 128, 128, 64) == "pallas_triton"
+    assert pick(BF16, 128, 128, 32) == "pallas_triton"
