@@ -212,9 +212,10 @@ def test_pallas_means_a_backend_that_runs_here():
     call names why."""
     if jax.default_backend() != "gpu":
         assert impls.resolve("pallas", dtype=BF16, K=128, V=128, chunk_size=64) == "pallas_triton"
-    with pytest.raises(ValueError, match="chunk_size must be 64"):
+    # Under jax < 0.11 the reason given is the jax version.
+    with pytest.raises(ValueError, match="chunk_size must be 64|jax >= 0.11"):
         impls.resolve("pallas_mosaic", dtype=BF16, K=128, V=128, chunk_size=32)
-    with pytest.raises(ValueError, match="bfloat16 or float16"):
+    with pytest.raises(ValueError, match="bfloat16 or float16|jax >= 0.11"):
         impls.resolve("pallas_mosaic", dtype=jnp.float32, K=128, V=128, chunk_size=64)
 
 
