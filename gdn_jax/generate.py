@@ -2,12 +2,13 @@
 
     new_BxN = generate(model, prompts_BxP, max_new_tokens=N, temperature=0.0, eos_id=2)
 
-generate() runs two compiled functions, each compiled once per shape and sampling options:
+generate() runs two compiled functions, each compiled once per shape and sampling options (the
+loop for a power-of-two token budget, so one compile serves every max_new_tokens up to it):
   prefill      the parallel forward over the prompts (GDN through gated_delta_rule's chunk or
                Pallas path, so a long prompt is never stepped token by token), the logits of the
                last position only, and the first sampled token; returns the decode cache.
   decode_loop  a lax.while_loop that feeds the last token through LM.step, samples the next, and
-               writes it into the [B, N] output, until N tokens are out or every row has emitted
+               writes it into the output, until N tokens are out or every row has emitted
                eos_id. The cache is donated and carried by the loop, so XLA updates recurrent
                states and KV slots in place.
 The model is used through its inference copy (gdn_jax/inference.py: weights cast once to the compute
@@ -22,8 +23,8 @@ emitting it.
 
 Streaming: `callback(i, tokens_B)` is called on the host with the i-th new token of every row (numpy
 int32 [B]), in order, through jax.experimental.io_callback(ordered=True). Each call copies B int32
-to the host and makes the device wait for the host round trip, every token;
-bench/generate_throughput.py --stream measures that cost.
+to the host and makes the device wait for the host round trip, every token; the `stream` variant
+of bench/generate_throughput.py measures that cost.
 
 The decode cache (see gdn_jax.model) holds, per layer: the q/k/v conv windows and the [B, HV, K, V]
 state for GDN / DeltaNet, the conv window and [B, H, P, N] SSM state for Mamba2, a rolling window
@@ -86,10 +87,15 @@ def prefill(graphdef, state, tokens_BxP, segment_ids_BxP, rng, *, cache_len, tem
     model = nnx.merge(graphdef, state)
     logits_Bx1xV, cache = model.prefill(tokens_BxP, segment_ids_BxP, cache_len=cache_len,
                                         last_only=True)
-    rng, key = jax.random.split(rng)
+    rng, key = _split(rng, temperature)
     first_B = sample_logits(logits_Bx1xV[:, 0], key, temperature=temperature, top_k=top_k,
                             top_p=top_p)
     return first_B, cache, rng
+
+
+def _split(rng, temperature):
+    """(carried key, key for this token); greedy decoding draws nothing, so it splits nothing."""
+    return jax.random.split(rng) if temperature > 0 else (rng, rng)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "temperature", "top_k",
@@ -126,7 +132,7 @@ def decode_loop(graphdef, state, cache, first_B, rng, stream_id, num_tokens, *, 
     def step(carry):
         i, tok_B, cache, out_BxC, done_B, rng = carry
         logits_BxV, cache = model.step(tok_B, cache)
-        rng, key = jax.random.split(rng)
+        rng, key = _split(rng, temperature)
         tok_B = sample_logits(logits_BxV, key, temperature=temperature, top_k=top_k, top_p=top_p)
         if eos_id is not None:
             tok_B = jnp.where(done_B, eos_id, tok_B)

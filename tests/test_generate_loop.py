@@ -82,6 +82,26 @@ def test_loop_matches_step_by_step_and_full_forward(name, fuse):
     np.testing.assert_array_equal(got, full_forward_argmax(model, rows, got))
 
 
+def test_sampling_in_the_loop_draws_what_stepping_from_python_draws():
+    """Temperature / top-k / top-p: the loop splits the key as generate() always has (once for the
+    first token, once per step), so a seed gives the samples it gave before the loop."""
+    model = for_inference(lm("tiny"))
+    _, batch = left_padded_batch((8, 8), seed=9)
+    opts = dict(temperature=0.8, top_k=20, top_p=0.9)
+    got = np.asarray(G.generate(model, batch, max_new_tokens=N, rng=jax.random.key(4), **opts))
+    graphdef, state = nnx.split(model)
+    logits, cache = nnx.jit(lambda m, t: m.prefill(t, cache_len=8 + N))(model, jnp.asarray(batch))
+    rng, key = jax.random.split(jax.random.key(4))
+    tok = G.sample_logits(logits[:, -1], key, **opts)
+    want = [tok]
+    for _ in range(N - 1):
+        rng, key = jax.random.split(rng)
+        tok, _, cache = G.decode_step(graphdef, state, cache, tok, key, **opts)
+        want.append(tok)
+    np.testing.assert_array_equal(got, np.stack(want, axis=1))
+    assert len(np.unique(got)) > 2
+
+
 def test_pallas_prefill_hands_its_state_to_the_loop():
     """Left-padded prompts through the Pallas kernels (interpret mode here) decode like chunk."""
     rows, batch = left_padded_batch()
