@@ -45,6 +45,8 @@ class Attention(nnx.Module):
         self.qkv_proj = nnx.data(None)  # FusedLinear of q/k/v_proj, inference only
 
     def fuse_for_inference(self):
+        if self.qkv_proj is not None:  # fused already
+            return
         self.qkv_proj = FusedLinear([self.q_proj, self.k_proj, self.v_proj])
         self.q_proj = self.k_proj = self.v_proj = None
 

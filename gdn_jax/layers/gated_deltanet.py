@@ -115,6 +115,8 @@ class GatedDeltaNet(nnx.Module):
             "g_proj",)
 
     def fuse_for_inference(self):
+        if self.in_proj is not None:  # fused already
+            return
         names = self._input_projections()
         self.in_proj = FusedLinear([getattr(self, n) for n in names])
         for n in names:

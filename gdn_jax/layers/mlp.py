@@ -49,6 +49,8 @@ class SwiGLU(nnx.Module):
         self.gate_up = nnx.data(None)  # FusedLinear of gate_proj and up_proj, inference only
 
     def fuse_for_inference(self):
+        if self.gate_up is not None:  # fused already
+            return
         self.gate_up = FusedLinear([self.gate_proj, self.up_proj])
         self.gate_proj = self.up_proj = None
 
