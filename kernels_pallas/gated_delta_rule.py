@@ -209,11 +209,14 @@ def default_segments(*, B, HV, N, K, V, block_v) -> int:
 
 def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps="triton",
                 block_v=None, inner_block_v=None, block_k=64, num_warps=4, num_stages=1, sweep_warps=4,
-                sweep_stages=None, mosaic_stages=None, segments=None, interpret=None) -> Tiling:
+                sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=1, segments=None,
+                interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here to powers of two), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
     if sweeps not in SWEEPS:
         raise ValueError(f"sweeps must be one of {tuple(SWEEPS)}, got {sweeps!r}")
+    if mosaic_warpgroups not in (1, 2):
+        raise ValueError(f"mosaic_warpgroups must be 1 or 2, got {mosaic_warpgroups!r}")
     Kp, Vp = padded_head_dims(K, V)
     N = T // chunk_size
     # Defaults measured on an H100 (docs/benchmarks.md, "Where the time goes").
@@ -236,10 +239,12 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
     t = Tiling(B=B, N=N, C=chunk_size, H=H, HV=HV, K=Kp, V=Vp, BV=block_v,
                BK=min(block_k, Kp), scale=float(scale), has_docs=has_docs, BVI=min(inner_block_v, Vp),
                num_warps=num_warps, num_stages=num_stages, sweep_warps=sweep_warps,
-               sweep_stages=sweep_stages, sweeps=sweeps, mosaic_stages=mosaic_stages, segments=segments,
-               interpret=bool(interpret))
+               sweep_stages=sweep_stages, sweeps=sweeps, mosaic_stages=mosaic_stages,
+               mosaic_warpgroups=mosaic_warpgroups, segments=segments, interpret=bool(interpret))
     if sweeps == "mosaic":
         reason = mosaic_sweeps.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
+        if reason is None and mosaic_warpgroups == 2 and t.K > 128:
+            reason = f"the warp-specialised forward sweep fits shared memory up to K = 128, got {t.K}"
         if reason is None and t.interpret and not mosaic_sweeps.interpret_supported():
             reason = "Mosaic GPU's interpret mode (for running without a GPU) needs jax >= 0.12"
         if reason is not None:
@@ -258,6 +263,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
       block_v, sweep_warps, sweep_stages: the sequential sweeps' value tile (default 32 on Triton, 64
         on Mosaic), warps and software-pipelining depth (default sweep_stages: 2, or 1 where 2 would
         not fit shared memory); mosaic_stages: chunks in flight in the Mosaic sweeps' TMA pipeline;
+        mosaic_warpgroups: 2 runs the Mosaic forward sweep warp-specialised (a state group, an output
+        group and a memory group) instead of in one warpgroup;
       inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop
         (default 128 at K <= 128, 64 above), key tile (of the key-tiled gradient kernel), warps and
         stages;

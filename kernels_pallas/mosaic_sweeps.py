@@ -233,6 +233,8 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
                       those two in the matmul dtype (the backward's operands)
     mode "final":     returns the final state only (context parallelism's first pass)
     """
+    if mode == "output" and t.mosaic_warpgroups == 2:
+        return _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t, out_dtype)
     C, K, V, BV, N = t.C, t.K, t.V, t.BV, t.N
     dt = k.dtype
     G, beta_rows, rel = gate_rows(g, beta, docs, t)
@@ -340,6 +342,140 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
     if with_res:
         return outs[0], outs[1], chunked(outs[2])
     return outs[0]
+
+
+def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tiling, out_dtype):
+    """mode "output" of `sweep` with warp specialisation: three warpgroups per program.
+      state   walks the chunks carrying S: K S -> X -> Vnew = T X -> S <- d_chunk S + K^T (d_out Vnew),
+              handing each chunk's entering S and its Vnew (bf16, double-buffered) to the output group;
+      output  Q K^T * Gamma (needs no S, so it runs ahead), then Q S and (Q K^T * Gamma) Vnew as the
+              state group publishes them, and the TMA store of O;
+      memory  TMA loads of the chunks' tiles, `mosaic_stages` chunks ahead.
+    So the output products leave the state group's dependent chain, which is what bounds the sweep."""
+    C, K, V, BV, N = t.C, t.K, t.V, t.BV, t.N
+    dt = k.dtype
+    stages = t.mosaic_stages
+    G, beta_rows, rel = gate_rows(g, beta, docs, t)
+    has_docs = rel is not None
+    n_in = 6 + has_docs  # q, k, v, T, G, beta (, rel)
+
+    def body(*refs):
+        q_ref, k_ref, v_ref, T_ref, G_ref, beta_ref = refs[:6]
+        rel_ref = refs[6] if has_docs else None
+        s0_ref, o_ref, sT_ref = refs[n_in:n_in + 3]
+        scratch = refs[n_in + 3:]
+        (bufs, s_buf, vn_buf, x_smem, p_smem, o_buf, st_smem,
+         loaded, consumed, s_ready, s_free, vn_ready, vn_free, st_bar) = scratch
+        b, hv, h, vs = _program(t)
+        wg = lax.axis_index("wg")
+        srcs = [q_ref.at[b, :, h, :], k_ref.at[b, :, h, :], v_ref.at[b, :, hv, vs], T_ref.at[b, :, hv, :],
+                *_gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]
+
+        def stage(n):
+            slot = n % stages
+            return slot, [buf.at[slot] for buf in bufs]
+
+        # 128 threads x (232 + 232 + 40) registers: the compute groups get what the memory group frees.
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(0, N)
+            def _(n):
+                slot, dsts = stage(n)
+
+                @pl.when(n >= stages)
+                def _():
+                    plgpu.barrier_wait(consumed.at[slot])
+                for src, dst in zip(srcs, dsts):
+                    plgpu.copy_gmem_to_smem(src.at[pl.ds(n * C, C)], dst, loaded.at[slot])
+
+        @pl.when(wg == 0)
+        def _state():
+            plgpu.set_max_registers(232, action="increase")
+            plgpu.copy_gmem_to_smem(s0_ref.at[b, hv, :, vs], st_smem, st_bar)
+            plgpu.barrier_wait(st_bar)
+
+            def chunk(n, S):
+                slot, (_, k_s, v_s, T_s, *gates) = stage(n)
+                half = n % 2
+                plgpu.barrier_wait(loaded.at[slot])
+                ch = _Chunk(gates)
+
+                @pl.when(n >= 2)
+                def _():
+                    plgpu.barrier_wait(s_free.at[half])
+                s_buf.at[half][...] = S.astype(dt)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(s_ready.at[half])
+                (KS,) = _mms(((C, BV), [(k_s, s_buf.at[half])]))
+                v_c = plgpu.load(v_s, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                x_smem[...] = (ch.beta(BV) * (v_c - ch.row(ch.d_in, BV) * KS)).astype(dt)
+                plgpu.commit_smem()
+                (vnew,) = _mms(((C, BV), [(T_s, x_smem)]))
+
+                @pl.when(n >= 2)
+                def _():
+                    plgpu.barrier_wait(vn_free.at[half])
+                vn_buf.at[half][...] = vnew.astype(dt)
+                x_smem[...] = (ch.row(ch.d_out, BV) * vnew).astype(dt)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(vn_ready.at[half])
+                (KV,) = _mms(((K, BV), [(k_s.T, x_smem)]))
+                plgpu.barrier_arrive(consumed.at[slot])
+                return ch.d_chunk * S + KV
+
+            S = jax.lax.fori_loop(0, N, chunk, plgpu.load(st_smem, layout=plgpu.Layout.WGMMA))
+            st_smem[...] = S
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(st_smem, sT_ref.at[b, hv, :, vs])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _output():
+            plgpu.set_max_registers(232, action="increase")
+
+            @pl.loop(0, N)
+            def _(n):
+                slot, (q_s, k_s, _, _, *gates) = stage(n)
+                half = n % 2
+                plgpu.barrier_wait(loaded.at[slot])
+                ch = _Chunk(gates)
+                (QK,), gamma = _mms(((C, C), [(q_s, k_s.T)]), overlap=ch.gamma)
+                p_smem[...] = (QK * gamma * t.scale).astype(dt)
+                plgpu.commit_smem()
+                plgpu.barrier_wait(s_ready.at[half])
+                (QS,) = _mms(((C, BV), [(q_s, s_buf.at[half])]))
+                plgpu.barrier_arrive(s_free.at[half])
+                plgpu.barrier_wait(vn_ready.at[half])
+                (PV,), o_inter = _mms(((C, BV), [(p_smem, vn_buf.at[half])]),
+                                      overlap=lambda: ch.row(ch.d_in * t.scale, BV) * QS)
+                plgpu.barrier_arrive(vn_free.at[half])
+                plgpu.barrier_arrive(consumed.at[slot])
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copy from this buffer 2 ago
+                o_buf.at[half][...] = (o_inter + PV).astype(out_dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_buf.at[half], o_ref.at[b, pl.ds(n * C, C), hv, vs])
+            plgpu.wait_smem_to_gmem(0)
+
+    tile_shapes = [(C, K), (C, K), (C, BV), (C, C)]
+    bufs = [_tile((stages, *shape), dt) for shape in tile_shapes]
+    bufs += [plgpu.SMEM((stages, C), jnp.float32)] * (3 + 2 * has_docs)
+    barrier = lambda arrivals, n: plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)
+    scratch = [bufs, _tile((2, K, BV), dt), _tile((2, C, BV), dt), _tile((C, BV), dt), _tile((C, C), dt),
+               _tile((2, C, BV), out_dtype), _tile((K, BV), jnp.float32),
+               barrier(len(bufs), stages),  # loaded: one arrival per TMA copy of a chunk
+               barrier(2, stages),          # consumed: both compute groups are done with a chunk
+               barrier(1, 2), barrier(1, 2), barrier(1, 2), barrier(1, 2),  # S and Vnew handed over
+               plgpu.Barrier()]
+    args = [_flat(q), _flat(k), _flat(v), _flat(T), G, beta_rows] + ([rel] if has_docs else [])
+    o, S_final = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), out_dtype),
+                        jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)],
+        scratch_types=scratch, grid=(t.B * t.HV, V // BV), grid_names=("bh", "vt"),
+        num_threads=3, thread_name="wg", kernel_name="gdn_mosaic_sweep_output_ws", **_launch(t),
+    )(*args, initial_state)
+    return o.reshape(t.B, N, C, *o.shape[2:]), S_final
 
 
 def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str):

@@ -168,6 +168,19 @@ def test_context_parallel_segments_equal_one_sweep(impl, dtype):
         assert rel_err(gp, gr) < TOL[dtype][1], (name, rel_err(gp, gr))
 
 
+def test_mosaic_warp_specialised_forward_matches_oracle():
+    """The three-warpgroup forward sweep (state, output, memory groups handing tiles over through
+    barriers) computes what the one-warpgroup sweep does."""
+    _skip_unless_runs("pallas_mosaic", BF16)
+    x, ref = _rounded(random_op_inputs(21, B=1, T=320, H=1, HV=2, K=64, V=128, with_state=True,
+                                       num_docs=3), BF16)
+    o, S = _run(x, "pallas_mosaic", mosaic_warpgroups=2, segments=1)
+    o_one, S_one = _run(x, "pallas_mosaic", mosaic_warpgroups=1, segments=1)
+    o_ref, S_ref = gated_delta_rule_oracle(**ref)
+    assert rel_err(o, o_ref) < TOL[BF16][0] and rel_err(S, S_ref) < TOL[BF16][0]
+    assert rel_err(o, o_one) < 1e-6 and rel_err(S, S_one) < 1e-6
+
+
 def test_triton_gradients_with_several_key_and_value_tiles():
     """Small tiles force the Triton kernels' inner loops over value tiles and the grid over key tiles."""
     x = random_op_inputs(16, B=1, T=64, H=1, HV=2, K=20, V=40, with_state=True, num_docs=3)
@@ -219,7 +232,7 @@ def test_pallas_means_a_backend_that_runs_here():
         impls.resolve("pallas_mosaic", dtype=jnp.float32, K=128, V=128, chunk_size=64)
 
 
-@pytest.mark.parametrize("mode", ["output", "residuals", "final", "reverse"])
+@pytest.mark.parametrize("mode", ["output", "output_ws", "residuals", "final", "reverse"])
 @pytest.mark.parametrize("docs", [False, True])
 def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
     """Lowers the Mosaic sweeps for CUDA on this CPU, as if for a Hopper GPU: Mosaic's layout
@@ -233,7 +246,9 @@ def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
     monkeypatch.setattr(mgpu_utils, "_infer_arch", lambda: (9, 0))
     B, T, H, HV, K, V = 1, 192, 1, 2, 128, 128
     t = make_tiling(B=B, T=T, H=H, HV=HV, K=K, V=V, chunk_size=64, scale=0.1, has_docs=docs,
-                    dtype=BF16, sweeps="mosaic", segments=1, interpret=False)
+                    dtype=BF16, sweeps="mosaic", segments=1, interpret=False,
+                    mosaic_warpgroups=2 if mode == "output_ws" else 1)
+    mode = mode.removesuffix("_ws")
     N, C = t.N, t.C
     q = jnp.zeros((B, N, C, H, K), BF16)
     v = jnp.zeros((B, N, C, HV, V), BF16)
