@@ -1,6 +1,8 @@
-"""Evaluate a trained run: perplexity, S-NIAH-1/2/3, MQAR, length extrapolation; or sample text.
+"""Evaluate a trained run: perplexity, S-NIAH-1/2/3, MQAR, length extrapolation, lm-eval tasks; or
+sample text.
 
     python eval.py --workdir runs/tiny --tasks ppl,niah,mqar,extrapolation [--lengths 1024,2048,...]
+    python eval.py --workdir runs/tiny --tasks ppl,lm_eval:piqa,lm_eval:hellaswag
     python eval.py --workdir runs/tiny --generate "def main(" --max_new_tokens 200 --temperature 0.8
 
 Results go to WORKDIR/eval/results.json with PNG plots beside it (docs/evaluation.md has the schema).
@@ -19,6 +21,7 @@ import time
 from gdn_jax.xla_flags import single_threaded_eigen_on_cpu
 
 TASKS = ("ppl", "niah", "mqar", "extrapolation")
+LM_EVAL = "lm_eval:"  # prefix of lm-evaluation-harness tasks (gdn_jax/lm_eval/tasks.py)
 
 
 def _ints(text: str) -> list[int]:
@@ -33,7 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workdir", required=True, help="run directory written by train.py")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
+    p.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help=f"comma list of {', '.join(TASKS)} and {LM_EVAL}NAME (an lm-eval task or group)",
+    )
     p.add_argument("--out", default=None, help="output directory (default WORKDIR/eval)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic tasks")
     p.add_argument("--batch_size", type=int, default=8, help="rows per forward pass (ppl, mqar)")
@@ -113,11 +120,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
+    # lm-eval tasks (--tasks lm_eval:NAME); batches take --batch_size rows.
+    p.add_argument(
+        "--lm_eval_include_path",
+        default=None,
+        help="directory of lm-eval task YAML files (local tasks, e.g. over JSONL files)",
+    )
+    p.add_argument(
+        "--lm_eval_limit",
+        type=float,
+        default=None,
+        help="documents per lm-eval task (a fraction if < 1); for quick checks",
+    )
+    p.add_argument("--lm_eval_num_fewshot", type=int, default=None, help="default: the task's")
+    p.add_argument(
+        "--lm_eval_max_length",
+        type=int,
+        default=None,
+        help="tokens per forward pass (default 8192); longer requests continue through the "
+        "model's recurrence",
+    )
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in args.tasks if t not in TASKS]
+    unknown = [t for t in args.tasks if t not in TASKS and not t.startswith(LM_EVAL)]
     if unknown:
-        p.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        p.error(
+            f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)} or "
+            f"{LM_EVAL}NAME"
+        )
     args.niah_tasks = [t.strip() for t in args.niah_tasks.split(",") if t.strip()]
     from gdn_jax.evaluate.niah import TASKS as NIAH_TASKS
 
@@ -142,6 +172,7 @@ def main(argv=None) -> int:
     from gdn_jax.evaluate import loading
 
     try:
+        lm_eval_manager = lm_eval_task_index(args)
         run = loading.load_run(args.workdir, step=args.step)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -166,7 +197,7 @@ def main(argv=None) -> int:
 
     out_dir = args.out or os.path.join(args.workdir, "eval")
     try:
-        evaluate(run, args, out_dir)
+        evaluate(run, args, out_dir, lm_eval_manager)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -174,8 +205,23 @@ def main(argv=None) -> int:
     return 0
 
 
-def evaluate(run, args: argparse.Namespace, out_dir: str) -> dict:
-    """Runs args.tasks on a loaded run (gdn_jax.evaluate.loading.Run); writes results.json + plots."""
+def lm_eval_task_index(args: argparse.Namespace):
+    """lm-eval's task index when args.tasks has lm_eval:NAME tasks, else None; checked before the
+    model loads, so a misspelt task fails at once. ValueError when lm-eval is missing or a task is
+    unknown."""
+    names = [t[len(LM_EVAL) :] for t in args.tasks if t.startswith(LM_EVAL)]
+    if not names:
+        return None
+    try:
+        from gdn_jax.lm_eval import tasks as lm_eval_tasks
+    except ImportError as e:
+        raise ValueError(f"{LM_EVAL} tasks need lm-eval: {e}") from None
+    return lm_eval_tasks.task_manager(names, args.lm_eval_include_path)
+
+
+def evaluate(run, args: argparse.Namespace, out_dir: str, lm_eval_manager=None) -> dict:
+    """Runs args.tasks on a loaded run (gdn_jax.evaluate.loading.Run); writes results.json + plots.
+    lm_eval_manager: lm_eval_task_index(args), needed when args.tasks has lm_eval:NAME tasks."""
     from gdn_jax.evaluate import loading, runner
 
     os.makedirs(out_dir, exist_ok=True)
@@ -195,6 +241,7 @@ def evaluate(run, args: argparse.Namespace, out_dir: str) -> dict:
     docs = source = None
     if needs_text:
         docs, source = loading.heldout_token_docs(run, args.data)
+    lm = None  # the lm-eval model, built at the first lm_eval: task
 
     for task in args.tasks:
         t0 = time.time()
@@ -250,6 +297,26 @@ def evaluate(run, args: argparse.Namespace, out_dir: str) -> dict:
                 prefix_ids=loading.bos_prefix(run),
             )
             results["niah"]["haystack_source"] = essay_source
+        elif task.startswith(LM_EVAL):
+            from gdn_jax.lm_eval import tasks as lm_eval_tasks
+            from gdn_jax.lm_eval.adapter import GdnJaxLM
+
+            if lm is None:
+                lm = GdnJaxLM(
+                    run=run, batch_size=args.batch_size, max_length=args.lm_eval_max_length, log=log
+                )
+            name = task[len(LM_EVAL) :]
+            out = lm_eval_tasks.run_task(
+                lm,
+                name,
+                lm_eval_manager,
+                limit=args.lm_eval_limit,
+                num_fewshot=args.lm_eval_num_fewshot,
+            )
+            results.setdefault("lm_eval", {})[name] = out
+            for sub, metrics in out["results"].items():
+                shown = {k: v for k, v in metrics.items() if "_stderr" not in k and k != "alias"}
+                log(f"[{task}] {sub}: {shown}")
         results["seconds"][task] = round(time.time() - t0, 2)
         _write(results, out_dir)
     return results
