@@ -306,13 +306,20 @@ def evaluate(run, args: argparse.Namespace, out_dir: str, lm_eval_manager=None) 
                     run=run, batch_size=args.batch_size, max_length=args.lm_eval_max_length, log=log
                 )
             name = task[len(LM_EVAL) :]
-            out = lm_eval_tasks.run_task(
-                lm,
-                name,
-                lm_eval_manager,
-                limit=args.lm_eval_limit,
-                num_fewshot=args.lm_eval_num_fewshot,
-            )
+            try:
+                out = lm_eval_tasks.run_task(
+                    lm,
+                    name,
+                    lm_eval_manager,
+                    limit=args.lm_eval_limit,
+                    num_fewshot=args.lm_eval_num_fewshot,
+                )
+            except ConnectionError as e:  # `datasets` could not fetch the task's data set
+                raise ValueError(
+                    f"{task}: its data set downloads from the Hugging Face hub, which failed "
+                    f"({e}); run where the hub is reachable, or use a local task "
+                    f"(docs/evaluation.md)"
+                ) from None
             results.setdefault("lm_eval", {})[name] = out
             for sub, metrics in out["results"].items():
                 shown = {k: v for k, v in metrics.items() if "_stderr" not in k and k != "alias"}

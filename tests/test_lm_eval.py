@@ -136,6 +136,33 @@ def test_rolling_loglikelihood_equals_the_perplexity_of_the_string(nll_fn, resul
                                    -ppl["nll_per_token"] * ppl["num_tokens"], rtol=1e-5)
 
 
+def test_rolling_windows_as_lm_evals_hf_backend(run, nll_fn):
+    """rolling_window=W scores each string in lm-eval's own rolling windows; W longer than every
+    string gives the one-row numbers."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    texts = [d["text"] for d in lm_eval_data.rolling_docs()]
+    requests = [Instance("loglikelihood_rolling", {}, (t,), 0, ("toy", i, 1))
+                for i, t in enumerate(texts)]
+    windowed = GdnJaxLM(run=run, batch_size=8, rolling_window=32, log=lambda m: None)
+    got = windowed.loglikelihood_rolling(requests)
+    for text, logp in zip(texts, got):
+        pairs = [make_disjoint_window(w)
+                 for w in get_rolling_token_windows(list(text.encode()), BOS, 32, 1)]
+        assert len(pairs) > 2 and sum(len(b) for _, b in pairs) == len(text.encode())
+        ids = np.zeros((len(pairs), 97), np.int32)
+        for r, (a, b) in enumerate(pairs):
+            ids[r, :len(a) + len(b)] = a + b
+        nll = nll_fn(ids[:, :-1], ids[:, 1:], np.ones_like(ids[:, 1:])).astype(np.float64)
+        expected = -sum(nll[r, len(a) - 1:len(a) + len(b) - 1].sum()
+                        for r, (a, b) in enumerate(pairs))
+        np.testing.assert_allclose(logp, expected, rtol=1e-5)
+    whole = GdnJaxLM(run=run, batch_size=8, log=lambda m: None).loglikelihood_rolling(requests)
+    wide = GdnJaxLM(run=run, batch_size=8, rolling_window=200, log=lambda m: None)
+    assert wide.loglikelihood_rolling(requests) == whole
+
+
 def test_generate_until_is_greedy_generation_cut_at_the_stop_strings(results, tasks):
     _, texts, stops = tasks
     got = [r[0][0] for r in _responses(results[8], "toy_gen")]

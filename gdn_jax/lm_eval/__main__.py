@@ -1,8 +1,8 @@
 """lm-eval's command line with the gdn_jax model registered.
 
     python3 -m gdn_jax.lm_eval --workdir runs/tiny --tasks piqa,hellaswag --batch_size 16
-    python3 -m gdn_jax.lm_eval --workdir runs/tiny --tasks my_task --include_path my_tasks/ \
-        --limit 100 --num_fewshot 0 --output_path out/ --log_samples
+    python3 -m gdn_jax.lm_eval --workdir runs/tiny --tasks my_task --include_path tasks/ --limit 100
+    python3 -m gdn_jax.lm_eval --workdir runs/tiny --tasks piqa --output_path out/ --log_samples
     python3 -m gdn_jax.lm_eval --model gdn_jax --model_args workdir=runs/tiny,dtype=float32 ...
 
 Every option of `lm_eval` (`lm-eval run --help`) works as there. `--workdir DIR` stands for

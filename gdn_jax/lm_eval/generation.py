@@ -98,6 +98,8 @@ class Generator:
 
     def generate(self, prompts: Sequence[list[int]], options: Sequence[Options],
                  progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Texts in the order of `prompts`; progress(requests done, tokens) after each batch, the
+        tokens being the prompts' and the new ones up to each row's exit."""
         out: list[str | None] = [None] * len(prompts)
         groups: dict[Options, list[int]] = {}
         for i, opt in enumerate(options):
@@ -107,15 +109,16 @@ class Generator:
             idx.sort(key=lambda i: -len(prompts[i]))
             for b in range(0, len(idx), self.batch_size):
                 batch = idx[b:b + self.batch_size]
-                for i, text in zip(batch, self._batch([prompts[i] for i in batch], opt)):
+                texts, new_tokens = self._batch([prompts[i] for i in batch], opt)
+                for i, text in zip(batch, texts):
                     out[i] = text
                 done += len(batch)
-                tokens += sum(len(prompts[i]) for i in batch) + len(batch) * opt.max_gen_toks
+                tokens += sum(len(prompts[i]) for i in batch) + new_tokens
                 if progress:
                     progress(done, tokens)
         return out
 
-    def _batch(self, prompts: Sequence[list[int]], opt: Options) -> list[str]:
+    def _batch(self, prompts: Sequence[list[int]], opt: Options) -> tuple[list[str], int]:
         P = bucket(max(len(p) for p in prompts), floor=16)
         rows = list(prompts) + [prompts[-1]] * (self.batch_size - len(prompts))
         tokens = np.zeros((len(rows), P), np.int32)
@@ -124,14 +127,16 @@ class Generator:
         lengths = np.asarray([len(p) for p in rows], np.int32)
         rng = jax.random.fold_in(jax.random.key(self.seed), self.calls)
         self.calls += 1
+        exit_id = self.exit_id(opt)
         new = np.asarray(gen.generate(self.model, tokens, max_new_tokens=opt.max_gen_toks,
                                       temperature=opt.temperature, top_k=opt.top_k,
                                       top_p=opt.top_p, rng=rng, prompt_lengths=lengths,
-                                      eos_id=self.exit_id(opt)))
+                                      eos_id=exit_id))
         eos = self.encoder.tokenizer.eos_id
-        texts = []
+        texts, count = [], 0
         for ids in new[:len(prompts)].tolist():
+            count += ids.index(exit_id) + 1 if exit_id in ids else len(ids)
             if eos is not None and eos in ids:
                 ids = ids[:ids.index(eos)]
             texts.append(cut(self.encoder.decode(ids), opt.until))
-        return texts
+        return texts, count
