@@ -88,35 +88,46 @@ class Scorer:
 
     def score(self, rows: Sequence[Row], progress: Progress | None = None
               ) -> list[tuple[float, bool]]:
+        """(logp, greedy) of every row, in the order given."""
         out: list[tuple[float, bool] | None] = [None] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        short, done, tokens = [], 0, 0
-        for i in order:
+        done = [0, 0]  # rows, tokens
+
+        def finished(indices, read=True):
+            done[0] += len(indices)
+            done[1] += sum(len(rows[i][0]) - 1 for i in indices) if read else 0
+            if progress:
+                progress(*done)
+
+        batched = []
+        for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
             ids, s = rows[i]
             if not 1 <= s <= len(ids):
                 raise ValueError(f"row {i}: first scored index {s} outside [1, {len(ids)}]")
             if s == len(ids):  # nothing to score: the empty continuation has probability 1
                 out[i] = (0.0, True)
-                done += 1
+                finished([i], read=False)
             elif self.max_length is not None and len(ids) - 1 > self.max_length:
                 out[i] = self._score_long(np.asarray(ids, np.int32), s)
                 self.long_rows += 1
-                done, tokens = done + 1, tokens + len(ids) - 1
-                if progress:
-                    progress(done, tokens)
+                finished([i])
             else:
-                short.append(i)
-        for b in range(0, len(short), self.batch_size):
-            batch = short[b:b + self.batch_size]
-            for i, result in zip(batch, self._score_batch([rows[i] for i in batch])):
-                out[i] = result
-            done += len(batch)
-            tokens += sum(len(rows[i][0]) - 1 for i in batch)
-            if progress:
-                progress(done, tokens)
+                batched.append(i)
+        batches = [batched[b:b + self.batch_size] for b in range(0, len(batched), self.batch_size)]
+        # Batch k + 1 is dispatched before batch k is read back, so the device does not wait while
+        # the host packs a batch.
+        pending = None
+        for batch in batches + [None]:
+            launched = batch and (batch, self._launch([rows[i] for i in batch]))
+            if pending:
+                indices, arrays = pending
+                for i, result in zip(indices, self._collect([rows[i] for i in indices], arrays)):
+                    out[i] = result
+                finished(indices)
+            pending = launched
         return out
 
-    def _score_batch(self, rows: Sequence[Row]) -> list[tuple[float, bool]]:
+    def _launch(self, rows: Sequence[Row]):
+        """Packs rows into [batch_size, T] and dispatches the forward pass (does not wait)."""
         longest = max(len(ids) - 1 for ids, _ in rows)
         T = bucket(longest)
         if self.max_length is not None:
@@ -127,8 +138,11 @@ class Scorer:
             ids = np.asarray(ids, np.int32)
             n = len(ids) - 1
             tokens[r, :n], targets[r, :n], segs[r, :n] = ids[:-1], ids[1:], 1
-        logp, greedy = forward_logprobs(self.graphdef, self.state, tokens, targets, segs)
-        logp, greedy = np.asarray(logp, np.float64), np.asarray(greedy)
+        return forward_logprobs(self.graphdef, self.state, tokens, targets, segs)
+
+    @staticmethod
+    def _collect(rows: Sequence[Row], arrays) -> list[tuple[float, bool]]:
+        logp, greedy = np.asarray(arrays[0], np.float64), np.asarray(arrays[1])
         # Target x_t sits in column t - 1.
         spans = [(r, slice(s - 1, len(ids) - 1)) for r, (ids, s) in enumerate(rows)]
         return [(float(logp[r, cols].sum()), bool(greedy[r, cols].all())) for r, cols in spans]
