@@ -245,18 +245,22 @@ VARIANT_KEYS = {"bv": "block_v", "bi": "inner_block_v", "k": "block_k", "w": "nu
 def parse_variants(text):
     """Comma list of BACKEND[-KNOBS]: BACKEND is triton or mosaic (the sweeps' lowering); KNOBS e.g.
     bv64x4y2ms2p4: the sweeps' value tile (bv), warps (x) and stages (y, Triton), Mosaic pipeline
-    stages (ms) and warp specialisation of its forward sweep (wg2), context-parallel segments (p); the chunk-parallel kernels' inner value tile (bi),
+    stages (ms) and warp specialisation of its forward sweep (wg2), context-parallel segments (p),
+    the Mosaic key-gradient kernel (mkg); the chunk-parallel kernels' inner value tile (bi),
     key tile (k), warps (w) and stages (s). Left out: the op's defaults."""
     out = []
     for item in text.split(","):
         backend, _, knobs = item.partition("-")
+        extra = {}
+        if "mkg" in knobs:  # the Mosaic key-gradient kernel
+            knobs, extra = knobs.replace("mkg", ""), {"key_grads": "mosaic"}
         if backend not in ("triton", "mosaic"):
             raise SystemExit(f"--variants: backend must be triton or mosaic, got {backend!r} in {item!r}")
         nums = dict(re.findall(r"([a-z]+)(\d+)", knobs))
         unknown = set(nums) - set(VARIANT_KEYS)
         if unknown:
             raise SystemExit(f"--variants: unknown knob(s) {sorted(unknown)} in {item!r}")
-        out.append((item, {"sweeps": backend, **{VARIANT_KEYS[k]: int(v) for k, v in nums.items()}}))
+        out.append((item, {"sweeps": backend, **extra, **{VARIANT_KEYS[k]: int(v) for k, v in nums.items()}}))
     return out
 
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import backward, context_parallel as cp, forward, mosaic_sweeps
+from kernels_pallas import backward, context_parallel as cp, forward, mosaic_grads, mosaic_sweeps
 from kernels_pallas.layout import Tiling
 
 
@@ -98,6 +98,9 @@ class _MosaicSweeps:
 
 
 SWEEPS = {"triton": _TritonSweeps, "mosaic": _MosaicSweeps}
+# The kernel that forms dq, dk and the key-level gate terms: Triton (key-tiled, any shape) or Mosaic
+# (one program per chunk and value head, K, V <= 128).
+KEY_GRADS = {"triton": backward.key_grads, "mosaic": mosaic_grads.key_grads}
 
 
 def document_masks(reset_BxT, N, C):
@@ -164,8 +167,8 @@ def _chunked_bwd(t, res, cotangents):
     states_in, vnew, dstates_out, dvnew, d_initial = _states_and_cotangents(
         x, initial_state, segments, do, dS_final, t)
     t_dvn, d_qk, Y, dG, dbeta = backward.pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, t, mm_dtype)
-    dq, dk, dG_keys, dbeta_keys = backward.key_grads(q, k, g, beta, docs, d_qk, Y, states_in,
-                                                     dstates_out, do, vnew, t_dvn, t, mm_dtype)
+    dq, dk, dG_keys, dbeta_keys = KEY_GRADS[t.key_grads](q, k, g, beta, docs, d_qk, Y, states_in,
+                                                         dstates_out, do, vnew, t_dvn, t, mm_dtype)
     dv = t_dvn.astype(jnp.float32) * beta[..., None]  # d(beta V) = T^T dVnew
     dG = dG + dG_keys.sum(-1)
     dg = jnp.flip(jnp.cumsum(jnp.flip(dG, 2), 2), 2)  # g -> G is a cumsum within each chunk
@@ -209,14 +212,16 @@ def default_segments(*, B, HV, N, K, V, block_v) -> int:
 
 def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps="triton",
                 block_v=None, inner_block_v=None, block_k=64, num_warps=4, num_stages=1, sweep_warps=4,
-                sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=1, segments=None,
-                interpret=None) -> Tiling:
+                sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=1, key_grads="triton",
+                segments=None, interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here to powers of two), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
     if sweeps not in SWEEPS:
         raise ValueError(f"sweeps must be one of {tuple(SWEEPS)}, got {sweeps!r}")
     if mosaic_warpgroups not in (1, 2):
         raise ValueError(f"mosaic_warpgroups must be 1 or 2, got {mosaic_warpgroups!r}")
+    if key_grads not in KEY_GRADS:
+        raise ValueError(f"key_grads must be one of {tuple(KEY_GRADS)}, got {key_grads!r}")
     Kp, Vp = padded_head_dims(K, V)
     N = T // chunk_size
     # Defaults measured on an H100 (docs/benchmarks.md, "Where the time goes").
@@ -240,7 +245,8 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                BK=min(block_k, Kp), scale=float(scale), has_docs=has_docs, BVI=min(inner_block_v, Vp),
                num_warps=num_warps, num_stages=num_stages, sweep_warps=sweep_warps,
                sweep_stages=sweep_stages, sweeps=sweeps, mosaic_stages=mosaic_stages,
-               mosaic_warpgroups=mosaic_warpgroups, segments=segments, interpret=bool(interpret))
+               mosaic_warpgroups=mosaic_warpgroups, key_grads=key_grads, segments=segments,
+               interpret=bool(interpret))
     if sweeps == "mosaic":
         reason = mosaic_sweeps.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
         if reason is None and mosaic_warpgroups == 2 and t.K > 128:
@@ -249,6 +255,12 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
             reason = "Mosaic GPU's interpret mode (for running without a GPU) needs jax >= 0.12"
         if reason is not None:
             raise ValueError(f"the Mosaic GPU sweeps cannot run this call: {reason}")
+    if key_grads == "mosaic":
+        reason = mosaic_grads.unsupported_reason(C=t.C, K=t.K, V=t.V, dtype=dtype)
+        if reason is None and t.interpret and not mosaic_sweeps.interpret_supported():
+            reason = "Mosaic GPU's interpret mode (for running without a GPU) needs jax >= 0.12"
+        if reason is not None:
+            raise ValueError(f"key_grads='mosaic' cannot run this call: {reason}")
     return t
 
 
@@ -265,6 +277,7 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         not fit shared memory); mosaic_stages: chunks in flight in the Mosaic sweeps' TMA pipeline;
         mosaic_warpgroups: 2 runs the Mosaic forward sweep warp-specialised (a state group, an output
         group and a memory group) instead of in one warpgroup;
+      key_grads: "triton" or "mosaic", the kernel that forms dq and dk (KEY_GRADS);
       inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop
         (default 128 at K <= 128, 64 above), key tile (of the key-tiled gradient kernel), warps and
         stages;

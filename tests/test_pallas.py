@@ -181,6 +181,19 @@ def test_mosaic_warp_specialised_forward_matches_oracle():
     assert rel_err(o, o_one) < 1e-6 and rel_err(S, S_one) < 1e-6
 
 
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_mosaic_key_gradient_kernel_matches_scan(case):
+    """key_grads="mosaic" (one program per chunk and value head, row scalings folded into operands)
+    gives the gradients of the scan reference, like the Triton kernel it replaces."""
+    opts = GRAD_CASES[case]
+    _skip_unless_runs("pallas_mosaic", BF16, opts["K"], opts["V"])
+    _, x = _rounded(random_op_inputs(22, with_state=True, **opts), BF16)
+    grads_ref = _grads(x, jnp.float32, "scan", 23)
+    grads = _grads(x, BF16, "pallas_mosaic", 23, key_grads="mosaic", segments=1)
+    for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
+        assert rel_err(gp, gr) < TOL[BF16][1], (name, rel_err(gp, gr))
+
+
 def test_triton_gradients_with_several_key_and_value_tiles():
     """Small tiles force the Triton kernels' inner loops over value tiles and the grid over key tiles."""
     x = random_op_inputs(16, B=1, T=64, H=1, HV=2, K=20, V=40, with_state=True, num_docs=3)
@@ -232,7 +245,7 @@ def test_pallas_means_a_backend_that_runs_here():
         impls.resolve("pallas_mosaic", dtype=jnp.float32, K=128, V=128, chunk_size=64)
 
 
-@pytest.mark.parametrize("mode", ["output", "output_ws", "residuals", "final", "reverse"])
+@pytest.mark.parametrize("mode", ["output", "output_ws", "residuals", "final", "reverse", "key_grads"])
 @pytest.mark.parametrize("docs", [False, True])
 def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
     """Lowers the Mosaic sweeps for CUDA on this CPU, as if for a Hopper GPU: Mosaic's layout
@@ -259,7 +272,13 @@ def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
     if docs:
         doc = jnp.zeros((B, N, C), jnp.int32)
         doc_masks = (doc, doc.astype(jnp.float32), doc.astype(jnp.float32))
-    if mode == "reverse":
+    if mode == "key_grads":  # GVA, so dq and dk are written in float32
+        from kernels_pallas import mosaic_grads
+        t = t._replace(H=1, HV=2)
+        states = jnp.zeros((B, N, HV, K, V), BF16)
+        fn = lambda q, T_inv, g, v, S0: mosaic_grads.key_grads(
+            q, q, g, g, doc_masks, T_inv, T_inv, states, states, v, v, v, t, BF16)
+    elif mode == "reverse":
         fn = lambda q, T_inv, g, do, S0: ms.reverse_sweep(q, q, T_inv, g, g, doc_masks, do, S0, t, mode="full")
     else:
         fn = lambda q, T_inv, g, v, S0: ms.sweep(q, q, v, T_inv, g, g, doc_masks, S0, t, mode=mode,
