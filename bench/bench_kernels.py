@@ -301,7 +301,7 @@ def breakdown(shape, launch, iters):
             q, k, w, g, (), do, dvl, S0, t, mmd), q, k, w_, g, do, dvl)
     tdvn, d_qk, Y, _, _ = timed("pair grads", lambda *a: backward.pair_grads(*a[:5], (), *a[5:], t, mmd),
                                 q, k, v, g, beta, T_, do, vn, dvn)
-    timed("key grads", lambda q, k, g, b, *a: backward.key_grads(q, k, g, b, (), *a, t, mmd),
+    timed("key grads", lambda q, k, g, b, *a: gdr.KEY_GRADS[t.key_grads](q, k, g, b, (), *a, t, mmd),
           q, k, g, beta, d_qk, Y, s_in, ds_out, do, vn, tdvn)
     return out
 
