@@ -7,9 +7,10 @@
     python train.py --init_from runs/fla --workdir runs/ft   # fine-tune runs/fla's weights
 
 Overrides: `--set section.field=value ...` (values parsed as JSON, else strings; tuples as
-comma-separated lists); sections: model, data, train, mesh, run. Multi-host: --distributed=auto
-(Slurm / Open MPI / TPU detection by jax.distributed), or --coordinator_address HOST:PORT
---num_processes N --process_id I. See docs/training.md.
+comma-separated lists); sections: model, data, train, mesh, run. Mesh axes: mesh.data, mesh.fsdp,
+mesh.context (long sequences), mesh.tensor. Multi-host: --distributed=auto (Slurm / Open MPI / TPU
+detection by jax.distributed), or --coordinator_address HOST:PORT --num_processes N --process_id I;
+a checkpoint resumes on any number of processes. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gdn_jax.xla_flags import single_threaded_eigen_on_cpu  # noqa: E402
+from gdn_jax.xla_flags import overlap_collectives, single_threaded_eigen_on_cpu  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,6 +89,7 @@ def resolve_config(args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     single_threaded_eigen_on_cpu()
+    overlap_collectives()
     mode = args.distributed or ("manual" if args.coordinator_address else "off")
     # jax.distributed must start before anything touches a device.
     from gdn_jax.train import mesh as mesh_lib

@@ -57,12 +57,19 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW decoupled decay, on >= 2-D params except norms and biases
     clip_norm: float = 1.0  # clip_by_global_norm threshold (0 disables)
     seed: int = 0  # parameter-init seed
+    grad_reduce_dtype: str = "float32"  # dtype gradients cross devices in: "float32" | "bfloat16"
+
+    def __post_init__(self):
+        if self.grad_reduce_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"train.grad_reduce_dtype must be float32 or bfloat16, got "
+                             f"{self.grad_reduce_dtype!r}")
 
 
 @dataclass(frozen=True)
 class MeshConfig:
     data: int = -1  # pure data-parallel replicas; -1 takes the devices left over
     fsdp: int = 1  # parameter/optimiser-state sharding ways (batch is split over it too)
+    context: int = 1  # context-parallel ways: each row's tokens are split over this many devices
     tensor: int = 1  # tensor-parallel ways (heads, mlp, vocab)
 
 

@@ -6,6 +6,9 @@ Parameters are float32 with logical sharding names in their `out_sharding` metad
 "vocab", "heads", "mlp", or None); activations compute in cfg.dtype; the residual stream, norms and
 recurrent states stay float32; logits are float32.
 
+Context parallelism: under a mesh with a `context` axis each sequence mixer runs on its device's
+share of T (gdn_jax/context_parallel.py); everything else here works token by token.
+
 Decoding: `prefill` runs the parallel path over a prompt and returns a cache; `step` advances one
 token. The cache is a dict: {"layers": [per-layer dict], "pos": [B] int32 position of the next token
 inside its document (RoPE), "t": int32 absolute index of the next token (KV slot)}.
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gdn_jax import context_parallel
 from gdn_jax.layers import RMSNorm, SwiGLU, make_mixer
 
 _REMAT_POLICIES = {
@@ -104,7 +108,9 @@ class LM(nnx.Module):
 
     def __call__(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         B, T = tokens_BxT.shape
-        positions = positions_from_segments(segment_ids, B, T)
+        # Per device over the context axis (the train step) a document's count carries over.
+        positions = context_parallel.continue_positions(
+            positions_from_segments(segment_ids, B, T), segment_ids)
         h = self._embed(tokens_BxT)
         if self.cfg.remat == "none":
             block_fn = _block_forward

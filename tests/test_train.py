@@ -74,6 +74,7 @@ _SHARDED = textwrap.dedent("""
       state, rest = trainer.init_fn(), trainer.rest_fn()
       losses = []
       for b in batches:
+        b = {{k: b[k] for k in step_lib.BATCH_KEYS}}
         state, m = trainer.step_fn(state, rest, mesh_lib.global_batch_array(b, mesh, 8))
         losses.append(float(m["loss"]))
       specs = {{str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(
@@ -81,8 +82,8 @@ _SHARDED = textwrap.dedent("""
       return losses, jax.device_get(state["params"]), specs
 
     axes = mesh_lib.MESH_AXES
-    one = jax.make_mesh((1, 1, 1), axes, devices=jax.devices()[:1],
-                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    one = jax.make_mesh((1,) * len(axes), axes, devices=jax.devices()[:1],
+                        axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
     l1, p1, _ = run(one, 1)
     l8, p8, specs = run(mesh_lib.make_mesh(cfg.mesh), 2)
     print("losses", l1, l8)

@@ -8,13 +8,19 @@ processes. A row takes T + 1 consecutive tokens of its stream: inputs are the fi
 last T. A document longer than what is left of a row carries on into the row's next batch (the
 overlap token is the next row's first input), so no token is skipped or read twice.
 
-The iterator state (per row: documents consumed, offset into the current one) is small JSON and is
-saved with every checkpoint; `set_state` resumes exactly.
+The data position is global: per global row, the documents its stream has consumed and the offset
+into the current one. Each process's iterator state holds its rows' entries (small JSON, saved with
+every checkpoint); the union over processes is the global state (`merge_states`), and `set_state`
+takes any state that covers the iterator's rows. So a run saved by N processes resumes exactly on
+M processes with the same global batch. Another global batch would deal the documents to rows
+differently, so the same order could not continue: `set_state` refuses it.
 
 Batch fields, all [rows, T]:
   tokens int32, targets int32, loss_mask float32 (1 where the target is the next token of the same
   document), segment_ids int32 (1, 2, ... per document in the row; 0 = padding, never produced
-  here), positions int32 (offset of the token in its document).
+  here), positions int32 (offset of the token in its document), document_ids int64 (index of the
+  token's document in the endless shuffled order: with positions, a global id of every token, for
+  audits; the train step does not read it).
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ class PackedRowsIterator(grain.DatasetIterator):
         tok = np.zeros((R, L), np.int32)
         seg = np.zeros((R, L), np.int32)
         pos = np.zeros((R, L), np.int32)
+        ids = np.zeros((R, L), np.int64)
         for slot in range(R):
             k, off, filled, segment = self._next_doc[slot], self._offset[slot], 0, 0
             last = (k, off)
@@ -89,6 +96,7 @@ class PackedRowsIterator(grain.DatasetIterator):
                     tok[slot, filled : filled + take] = doc[off : off + take]
                     seg[slot, filled : filled + take] = segment
                     pos[slot, filled : filled + take] = np.arange(off, off + take)
+                    ids[slot, filled : filled + take] = self._rows[slot] + k * self._G
                     last = (k, off + take - 1)  # where the row's final slot came from
                     filled += take
                     off += take
@@ -103,23 +111,35 @@ class PackedRowsIterator(grain.DatasetIterator):
             "loss_mask": same_doc.astype(np.float32),
             "segment_ids": seg[:, :-1],
             "positions": pos[:, :-1],
+            "document_ids": ids[:, :-1],
         }
 
     def get_state(self) -> dict[str, Any]:
         return {
+            "global_batch": self._G,
             "rows": list(self._rows),
             "next_doc": list(self._next_doc),
             "offset": list(self._offset),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if list(state["rows"]) != self._rows:
+        """Resumes from a state holding (at least) this iterator's rows: its own, or the global
+        state merged from all processes' (`merge_states`)."""
+        saved_G = state.get("global_batch", self._G)  # states before elastic resume lacked it
+        if saved_G != self._G:
             raise ValueError(
-                f"data state is for rows {state['rows'][:4]}..., this process reads rows "
-                f"{self._rows[:4]}...: resume with the same global batch and processes"
-            )
-        self._next_doc = [int(x) for x in state["next_doc"]]
-        self._offset = [int(x) for x in state["offset"]]
+                f"the data position was saved with train.global_batch={saved_G}, this run has "
+                f"{self._G}: documents are dealt to rows by index modulo the global batch, so "
+                f"another global batch cannot continue the same sample order. Resume with "
+                f"train.global_batch={saved_G} (any number of processes works), or start a new "
+                "run (train.py --init_from keeps the weights)")
+        at = {r: (d, o) for r, d, o in zip(state["rows"], state["next_doc"], state["offset"])}
+        missing = [r for r in self._rows if r not in at]
+        if missing:
+            raise ValueError(f"the data state has no position for rows {missing[:8]}: it covers "
+                             f"{len(at)} rows of {self._G}")
+        self._next_doc = [int(at[r][0]) for r in self._rows]
+        self._offset = [int(at[r][1]) for r in self._rows]
 
 
 class PackedRows(grain.IterDataset):
@@ -157,6 +177,30 @@ class SyntheticBatches(grain.IterDataset):
 
     def __iter__(self):
         return SyntheticBatchesIterator(self._make, self._rows)
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The global data position from the iterator states of all processes (any order): the union of
+    the packed rows' positions, or the batch index of a synthetic source (the same everywhere)."""
+    if not states:
+        raise ValueError("no data-iterator states to merge")
+    if "rows" not in states[0]:
+        if any(s != states[0] for s in states):
+            raise ValueError(f"processes saved different data positions: {states}")
+        return dict(states[0])
+    G = {s.get("global_batch") for s in states}
+    if len(G) != 1:
+        raise ValueError(f"processes saved data positions for different global batches {G}")
+    at = {}
+    for s in states:
+        for r, d, o in zip(s["rows"], s["next_doc"], s["offset"]):
+            if at.setdefault(r, (d, o)) != (d, o):
+                raise ValueError(f"processes saved different positions for row {r}")
+    rows = sorted(at)
+    merged = {"rows": rows, "next_doc": [at[r][0] for r in rows],
+              "offset": [at[r][1] for r in rows]}
+    g = G.pop()
+    return merged if g is None else {"global_batch": g, **merged}
 
 
 def make_dataset(

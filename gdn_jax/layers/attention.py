@@ -4,6 +4,11 @@ Scores come from `jax.nn.dot_product_attention`: `is_causal` plus `local_window_
 the window, and a boolean `mask` of same-document pairs when segment_ids are given, so no token
 reads another packed document. RoPE (rotate-half, float32) uses per-document positions.
 
+Context parallelism (a mesh with a `context` axis, gdn_jax/context_parallel.py): each device attends
+from its own queries to the keys and values of all devices (all-gathered), or, for a window that
+fits in one device's share (window - 1 <= T / devices), to its own and a halo of the previous
+device's last window - 1; a mask of global positions keeps it causal, windowed and per document.
+
 Decode keeps a KV cache of L slots per layer, token at absolute step t in slot t % L: L is the
 window for SWA (a rolling window) and the whole generation length for full attention.
 """
@@ -14,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gdn_jax import context_parallel
 from gdn_jax.layers.mlp import FusedLinear, linear
 
 
@@ -67,6 +73,12 @@ class Attention(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         q, k, v = self._qkv(x_BxTxD, positions)
+        if context_parallel.context_size() > 1:
+            if cache_len is not None:
+                raise ValueError("Attention: prefill (cache_len) does not run context-parallel; "
+                                 "use a mesh without a context axis")
+            o = context_parallel.over_context(self._attend_segment)(q, k, v, segment_ids)
+            return self.o_proj(o.reshape(B, T, -1)), None
         mask = None
         if segment_ids is not None:
             mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
@@ -80,6 +92,29 @@ class Attention(nnx.Module):
                      else segment_ids == segment_ids[:, -1:])
             cache = self._prefill_cache(k, v, valid, cache_len)
         return y, cache
+
+    def _attend_segment(self, q, k, v, segment_ids):
+        """One device's queries [B, T_l, N, D] against the keys they can see, inside
+        context_parallel.over_context; returns [B, T_l, N, D]."""
+        axis = context_parallel.CONTEXT_AXIS
+        B, T_l = q.shape[:2]
+        start = jax.lax.axis_index(axis) * T_l
+        q_pos = start + jnp.arange(T_l)
+        seg = jnp.zeros((B, T_l), jnp.int32) if segment_ids is None else segment_ids
+        if self.window is not None and self.window - 1 <= T_l:
+            halo = lambda x: jnp.concatenate(
+                [context_parallel.from_previous(x, self.window - 1), x], axis=1)
+            k_all, v_all, seg_all = halo(k), halo(v), halo(seg)
+            k_pos = start - (self.window - 1) + jnp.arange(k_all.shape[1])
+        else:
+            gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
+            k_all, v_all, seg_all = gather(k), gather(v), gather(seg)
+            k_pos = jnp.arange(k_all.shape[1])
+        visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)
+        if self.window is not None:
+            visible &= q_pos[:, None] - k_pos[None, :] < self.window
+        mask = visible[None, None] & (seg[:, None, :, None] == seg_all[:, None, None, :])
+        return jax.nn.dot_product_attention(q, k_all, v_all, mask=mask, implementation=self.impl)
 
     def cache_slots(self, cache_len: int) -> int:
         return cache_len if self.window is None else min(self.window, cache_len)

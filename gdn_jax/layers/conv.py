@@ -4,7 +4,8 @@
 
 Inputs before the sequence come from `cache` (the previous W - 1 inputs) or are zero. With
 segment_ids, an input from another document than token t counts as zero, so nothing leaks across
-packed documents; the cache belongs to each row's first document.
+packed documents; the cache belongs to each row's first document, unless `cache_segment_ids` say
+which documents its tokens belong to (a context-parallel halo from the previous device).
 """
 
 from __future__ import annotations
@@ -42,15 +43,20 @@ class ShortConv(nnx.Module):
         return y.astype(dtype)
 
     def __call__(self, x_BxTxC: jax.Array, *, segment_ids=None, cache=None,
-                 return_cache: bool = False):
-        """Returns (y [B, T, C] in x's dtype, new cache [B, W-1, C] or None)."""
+                 cache_segment_ids=None, return_cache: bool = False):
+        """Returns (y [B, T, C] in x's dtype, new cache [B, W-1, C] or None).
+
+        cache_segment_ids [B, W-1]: segment ids of the cache's tokens, which then count only where
+        they continue token t's document; without them the cache continues the first document."""
         B, T, C = x_BxTxC.shape
         W = self.kernel_size
         if cache is None:
             cache = jnp.zeros((B, W - 1, C), x_BxTxC.dtype)
         xp = jnp.concatenate([cache.astype(x_BxTxC.dtype), x_BxTxC], axis=1)  # [B, T+W-1, C]
         doc = None
-        if segment_ids is not None:
+        if segment_ids is not None and cache_segment_ids is not None:
+            doc = document_index(jnp.concatenate([cache_segment_ids, segment_ids], axis=1))
+        elif segment_ids is not None:
             doc = document_index(segment_ids)
             doc = jnp.concatenate([jnp.zeros((B, W - 1), jnp.int32), doc], axis=1)
         w = self.weight[...]

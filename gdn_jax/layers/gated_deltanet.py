@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gdn_jax import context_parallel
 from gdn_jax.layers.conv import ShortConv
 from gdn_jax.layers.mlp import FusedLinear, linear
 from gdn_jax.layers.norms import GatedRMSNorm, small_param
@@ -150,22 +151,49 @@ class GatedDeltaNet(nnx.Module):
         return self.o_proj(y.reshape(*o.shape[:-2], -1))
 
     def __call__(self, x_BxTxD: jax.Array, *, segment_ids=None, positions=None, cache_len=None):
-        """Returns (y [B, T, d], cache or None); cache_len (any int) asks for the decode cache."""
+        """Returns (y [B, T, d], cache or None); cache_len (any int) asks for the decode cache.
+
+        Under a mesh with a `context` axis (gdn_jax/context_parallel.py) each device convolves and
+        sweeps its own share of T, with the conv's halo and the entering state from the devices
+        before it."""
         del positions
-        B, T, _ = x_BxTxD.shape
-        want = cache_len is not None
         q_raw, k_raw, v_raw, b_raw, a_raw, gate_raw = self._project(x_BxTxD)
+        g, beta = self._gates(b_raw, a_raw)
+        if context_parallel.context_size() > 1:
+            if cache_len is not None:
+                raise ValueError("GatedDeltaNet: prefill (cache_len) does not run context-parallel; "
+                                 "use a mesh without a context axis")
+            mix = context_parallel.over_context(self._mix_segment)
+            return self._output(mix(q_raw, k_raw, v_raw, g, beta, segment_ids), gate_raw), None
+        want = cache_len is not None
         q, cq = self.q_conv(q_raw, segment_ids=segment_ids, return_cache=want)
         k, ck = self.k_conv(k_raw, segment_ids=segment_ids, return_cache=want)
         v, cv = self.v_conv(v_raw, segment_ids=segment_ids, return_cache=want)
-        q = l2_normalize(q.reshape(B, T, self.num_heads, self.head_dim))
-        k = l2_normalize(k.reshape(B, T, self.num_heads, self.head_dim))
-        v = v.reshape(B, T, self.num_v_heads, self.v_dim)
-        g, beta = self._gates(b_raw, a_raw)
+        q, k, v = self._heads(q, k, v)
         o, S = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids, output_final_state=want,
                                 chunk_size=self.chunk_size, impl=self.impl)
         cache = dict(conv_q=cq, conv_k=ck, conv_v=cv, state=S) if want else None
         return self._output(o, gate_raw), cache
+
+    def _heads(self, q, k, v):
+        """Conv outputs [B, T, ...] -> L2-normalised q, k [B, T, H, K] and v [B, T, HV, V]."""
+        B, T = q.shape[:2]
+        q = l2_normalize(q.reshape(B, T, self.num_heads, self.head_dim))
+        k = l2_normalize(k.reshape(B, T, self.num_heads, self.head_dim))
+        return q, k, v.reshape(B, T, self.num_v_heads, self.v_dim)
+
+    def _mix_segment(self, q_raw, k_raw, v_raw, g, beta, segment_ids):
+        """One device's share of the convs and the recurrence, inside context_parallel.over_context."""
+        W = self.q_conv.kernel_size
+        halo = lambda x: context_parallel.from_previous(x, W - 1)
+        seg_halo = None if segment_ids is None else halo(segment_ids)
+        q, k, v = (conv(x, segment_ids=segment_ids, cache=halo(x), cache_segment_ids=seg_halo)[0]
+                   for conv, x in ((self.q_conv, q_raw), (self.k_conv, k_raw),
+                                   (self.v_conv, v_raw)))
+        q, k, v = self._heads(q, k, v)
+        o, _ = context_parallel.gated_delta_rule_segment(
+            q, k, v, g, beta, segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
+        return o
 
     def step(self, x_BxD: jax.Array, cache: dict, *, pos=None, t=None):
         """One token: (y [B, d], new cache)."""

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gdn_jax import context_parallel
 from gdn_jax.layers.conv import ShortConv, document_index
 from gdn_jax.layers.gated_deltanet import init_decay_params
 from gdn_jax.layers.mlp import linear
@@ -146,6 +147,9 @@ class Mamba2(nnx.Module):
 
     def __call__(self, x_BxTxD: jax.Array, *, segment_ids=None, positions=None, cache_len=None):
         del positions
+        if context_parallel.context_size() > 1:
+            raise ValueError("Mamba2 (layer letter M) has no context parallelism; use a mesh "
+                             "without a context axis, or a model without M layers")
         want = cache_len is not None
         z, xBC, dt_raw = self._split(self.in_proj(x_BxTxD))
         xBC, conv_cache = self.conv(xBC, segment_ids=segment_ids, return_cache=want)

@@ -8,6 +8,10 @@ Layout of a workdir:
     DIR/checkpoints/<step>/state/       orbax StandardSave of {"step", "params", "opt_state"}
     DIR/checkpoints/<step>/data/process_<i>-of-<n>.json   each process's data-iterator state
 
+The data position is global (gdn_jax/data/pipeline.py): a restore merges the states of however
+many processes wrote the checkpoint, and each process of the new run takes its own rows from it,
+so a checkpoint of N processes resumes on M (with the same global batch).
+
 "params" is the model's nnx.Param state as a pure nested dict (nnx.to_pure_dict(state): layer lists
 have int keys), float32. `load_params(workdir)` rebuilds the model for evaluation.
 
@@ -18,8 +22,11 @@ starts from its params with a fresh optimiser and data iterator at step 0.
 
 from __future__ import annotations
 
+import glob
 import inspect
+import json
 import os
+import re
 from typing import Any
 
 import grain
@@ -28,6 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from configs import experiment
+from gdn_jax.data import pipeline
 
 
 class _FrozenIteratorState(grain.DatasetIterator):
@@ -73,22 +81,39 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter) -> No
     manager.save(step, args=args, force=True)
 
 
+def data_state(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The global data position of checkpoint `step`: every process's iterator state
+    (data/process_<i>-of-<n>.json) merged, whatever number of processes wrote them."""
+    data_dir = os.path.join(str(manager.directory), str(step), "data")
+    paths = sorted(glob.glob(os.path.join(data_dir, "process_*-of-*.json")))
+    if not paths:
+        raise FileNotFoundError(f"no data-iterator state under {data_dir}")
+    names = {re.fullmatch(r"process_(\d+)-of-(\d+)\.json", os.path.basename(p)) for p in paths}
+    writers = {(int(m[1]), int(m[2])) for m in names if m}
+    n = max((count for _, count in writers), default=0)
+    if writers != {(i, n) for i in range(n)}:
+        raise ValueError(f"{data_dir} holds an incomplete set of process states: {paths}")
+    states = []
+    for path in paths:
+        with open(path) as f:
+            states.append(json.load(f))
+    return pipeline.merge_states(states)
+
+
 def restore(
     manager: ocp.CheckpointManager, step: int, abstract_state: Any, state_shardings: Any, data_iter
 ) -> Any:
-    """Restores the train state (placed with `state_shardings`) and sets `data_iter`'s state."""
+    """Restores the train state (placed with `state_shardings`, on any mesh) and sets
+    `data_iter` to the global data position (written by any number of processes)."""
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state,
         state_shardings,
     )
-    out = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
-        ),
-    )
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    data_iter.set_state(data_state(manager, step))
+    if hasattr(data_iter, "start_prefetch"):  # as grain's own restore does
+        data_iter.start_prefetch()
     return out["state"]
 
 

@@ -18,8 +18,9 @@ from gdn_jax.train import mesh as mesh_lib
 from gdn_jax.train import metrics as metrics_lib
 from gdn_jax.train import step as step_lib
 
-# Fields that may change between a run and its resumption.
-_RESUMABLE_CHANGES = ("run.", "data.prefetch")
+# Fields that may change between a run and its resumption: the mesh and microbatches change how
+# the same global batch is computed (elastic resume on another number of devices), not what.
+_RESUMABLE_CHANGES = ("run.", "data.prefetch", "mesh.", "train.microbatches")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -32,6 +33,14 @@ def _sync_config(cfg: experiment.ExperimentConfig, workdir: str) -> None:
     if os.path.exists(path):
         saved = experiment.get_config(path)
         changed = [d for d in experiment.diff(saved, cfg) if not d.startswith(_RESUMABLE_CHANGES)]
+        if saved.train.global_batch != cfg.train.global_batch:
+            raise ValueError(
+                f"{workdir} was trained with train.global_batch={saved.train.global_batch}, this "
+                f"run asks for {cfg.train.global_batch}: documents are dealt to batch rows by "
+                "index modulo the global batch, so another one cannot continue the same sample "
+                f"order. Resume with train.global_batch={saved.train.global_batch} (on any number "
+                "of processes and devices), or start a new --workdir (--init_from keeps the "
+                "weights).")
         if changed:
             raise ValueError(
                 f"{workdir} holds a run with a different config; changed: "
@@ -129,15 +138,20 @@ def train(
     model_factory=step_lib.default_model_factory,
     init_from: str | None = None,
     init_step: int | None = None,
+    on_batch=None,
 ) -> dict:
     """Trains until global step `stop_step` (default cfg.train.steps), resuming from the latest
     checkpoint in `workdir`. Returns {"step", "loss"} of the last logged step.
+
+    on_batch(step, local_batch), if given, sees every batch this process feeds (its rows, numpy,
+    with document_ids), before step `step` runs on it: for audits of the data order.
 
     A run with no checkpoint yet starts from the params of workdir `init_from` (its checkpoint
     `init_step`, default the latest) when given, with a fresh optimiser at step 0; a run whose
     latest checkpoint is weights-only (written by import-fla) starts from it the same way.
     """
     stop_step = cfg.train.steps if stop_step is None else stop_step
+    mesh_lib.check_config(cfg, jax.device_count())  # before anything is written or compiled
     _check_vocab(cfg)
     _sync_config(cfg, workdir)
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -226,7 +240,10 @@ def train(
     try:
         while step < stop_step:
             local = next(data_iter)
-            batch = mesh_lib.global_batch_array(local, mesh, G)
+            if on_batch is not None:
+                on_batch(step + 1, local)
+            batch = mesh_lib.global_batch_array(
+                {k: local[k] for k in step_lib.BATCH_KEYS}, mesh, G)
             state, m = trainer.step_fn(state, rest, batch)
             step += 1
             logger.add_tokens(G * T)

@@ -1,8 +1,14 @@
-"""Device mesh, logical-axis sharding rules, batch placement and multi-host start-up.
+"""Device mesh, logical-axis sharding rules, batch placement, mesh checks and multi-host start-up.
 
-The mesh has axes (data, fsdp, tensor). Parameters carry logical axis names (see gdn_jax.model);
-LOGICAL_RULES below is the one place that maps them onto mesh axes. The batch dimension is split
-over (data, fsdp).
+The mesh has axes (data, fsdp, context, tensor):
+  data     replicas: each holds all parameters and a share of the batch rows.
+  fsdp     a share of the batch rows, and of the parameters, gradients and optimiser state (their
+           "embed" dimension); parameters are all-gathered where they are used (gdn_jax/train/step.py).
+  context  a share of every row's T tokens (gdn_jax/context_parallel.py); parameters replicated.
+  tensor   a share of the heads, MLP hidden units and vocabulary.
+Parameters carry logical axis names (see gdn_jax.model); LOGICAL_RULES below is the one place that
+maps them onto mesh axes. Later axes vary fastest over the devices, so tensor and context groups
+sit on neighbouring devices (one host) when they fit there.
 """
 
 from __future__ import annotations
@@ -14,33 +20,76 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs.experiment import MeshConfig
+from configs.experiment import ExperimentConfig, MeshConfig
+from gdn_jax.context_parallel import CONTEXT_AXIS
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", CONTEXT_AXIS, "tensor")
+BATCH_AXES = ("data", "fsdp")  # split the batch rows
+STEP_AXES = (*BATCH_AXES, CONTEXT_AXIS)  # the train step computes gradients per device over these
 # Logical parameter axis -> mesh axis. Names not listed (and None) are replicated.
 LOGICAL_RULES = (("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("mlp", "tensor"))
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+    """Axis sizes in MESH_AXES order, with a -1 resolved; ValueError when they do not fit."""
+    sizes = [cfg.data, cfg.fsdp, cfg.context, cfg.tensor]
+    named = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {cfg}")
+        raise ValueError(f"at most one mesh axis may be -1, got {named}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh axes must be positive (or one of them -1), got {named}")
     known = int(np.prod([s for s in sizes if s != -1]))
-    if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
-        raise ValueError(f"mesh {cfg} does not fit {num_devices} devices")
-    sizes = [num_devices // known if s == -1 else s for s in sizes]
-    if int(np.prod(sizes)) != num_devices:
+    if num_devices % known or (-1 not in sizes and known != num_devices):
+        raise ValueError(f"{named}: their product {known} does not match the {num_devices} "
+                         "devices")
+    return tuple(num_devices // known if s == -1 else s for s in sizes)
+
+
+def check_context(cfg: ExperimentConfig, context: int) -> None:
+    """ValueError unless the model and sequence can be split over `context` devices: each
+    device's share of T must be whole chunks of the gated delta rule, and every layer must have a
+    context-parallel path (GDN, DeltaNet, attention with the XLA backend)."""
+    if context == 1:
+        return
+    m, T = cfg.model, cfg.data.seq_len
+    chunk = m.gdn_chunk_size if any(k in "GD" for k in m.mixers) else 1
+    if T % (context * chunk):
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} uses {np.prod(sizes)} devices, "
-            f"but there are {num_devices}"
-        )
-    return tuple(sizes)
+            f"mesh.context={context} must divide data.seq_len / model.gdn_chunk_size = "
+            f"{T} / {chunk}: each device's share of the sequence must be whole chunks")
+    halo = max(m.gdn_conv_size - 1, 0)
+    if halo > T // context:
+        raise ValueError(f"mesh.context={context}: the convolution's halo of {halo} tokens is "
+                         f"longer than a device's {T // context} tokens")
+    for i, kind in enumerate(m.mixers):
+        if kind == "M":
+            raise ValueError(f"mesh.context={context}: layer {i} ('M', Mamba2) has no context "
+                             "parallelism; use mesh.context=1 for models with Mamba2 layers")
+        if kind in "SA" and m.attn_impl == "cudnn":
+            raise ValueError(f"mesh.context={context}: layer {i} ('{kind}', attention) with "
+                             "model.attn_impl='cudnn' has no context parallelism (it takes no "
+                             "position mask); set model.attn_impl=xla")
+
+
+def check_fits(cfg: ExperimentConfig, shape: dict[str, int]) -> None:
+    """ValueError unless the run's batch and model split over a mesh of this {axis: size}."""
+    rows = shape["data"] * shape["fsdp"]
+    if cfg.train.global_batch % rows:
+        raise ValueError(f"train.global_batch={cfg.train.global_batch} must be a multiple of "
+                         f"mesh.data * mesh.fsdp = {rows}")
+    check_context(cfg, shape[CONTEXT_AXIS])
+
+
+def check_config(cfg: ExperimentConfig, num_devices: int) -> dict[str, int]:
+    """All mesh checks of a run, before anything compiles; returns {axis: size}."""
+    shape = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, num_devices)))
+    check_fits(cfg, shape)
+    return shape
 
 
 def make_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
     shape = mesh_shape(cfg, jax.device_count())
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
 def logical_to_spec(names: Sequence[Any], shape: Sequence[int], mesh) -> P:
@@ -92,7 +141,24 @@ def tree_shardings_like(tree: Any, params_shardings: Any, mesh) -> Any:
 
 
 def batch_sharding(mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES))
+    """Batch arrays [G, T]: rows over (data, fsdp), tokens over context."""
+    return NamedSharding(mesh, P(BATCH_AXES, CONTEXT_AXIS))
+
+
+def _local_block(mesh, global_batch: int, seq_len: int) -> tuple[range, range]:
+    """The rows and token columns of the global batch this process's devices hold."""
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch, seq_len))
+    blocks = []
+    for size, dim in ((global_batch, 0), (seq_len, 1)):
+        spans = sorted({idx[dim].indices(size)[:2] for idx in index_map.values()})
+        lo, hi = spans[0][0], spans[-1][1]
+        if sum(b - a for a, b in spans) != hi - lo:
+            raise ValueError(
+                f"process {jax.process_index()} holds non-contiguous batch "
+                f"{'rows' if dim == 0 else 'columns'} {spans}; order the mesh so each process "
+                "owns one block of the batch")
+        blocks.append(range(lo, hi))
+    return blocks[0], blocks[1]
 
 
 def local_rows(mesh, global_batch: int, seq_len: int) -> range:
@@ -100,25 +166,20 @@ def local_rows(mesh, global_batch: int, seq_len: int) -> range:
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % n:
         raise ValueError(f"train.global_batch={global_batch} must be a multiple of data*fsdp = {n}")
-    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch, seq_len))
-    starts = sorted({idx[0].indices(global_batch)[:2] for idx in index_map.values()})
-    lo, hi = starts[0][0], starts[-1][1]
-    covered = sum(b - a for a, b in starts)
-    if covered != hi - lo:
-        raise ValueError(
-            f"process {jax.process_index()} holds non-contiguous batch rows {starts}; "
-            "order the mesh so each process owns one block of the batch"
-        )
-    return range(lo, hi)
+    return _local_block(mesh, global_batch, seq_len)[0]
 
 
 def global_batch_array(local: dict[str, np.ndarray], mesh, global_batch: int) -> dict:
-    """Assembles the global jax.Arrays from each process's rows."""
+    """The global jax.Arrays from each process's rows (whole rows of T tokens: where the context
+    axis spans processes, each keeps only its columns)."""
     sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, v, (global_batch,) + v.shape[1:])
-        for k, v in local.items()
-    }
+    out = {}
+    for k, v in local.items():
+        shape = (global_batch,) + v.shape[1:]
+        cols = _local_block(mesh, global_batch, v.shape[1])[1]
+        v = v[:, cols.start:cols.stop]
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out
 
 
 # ---- multi-host --------------------------------------------------------------------------------
