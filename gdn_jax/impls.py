@@ -47,13 +47,13 @@ def _always(*_):
 
 
 def _mosaic_support(dtype, K, V, chunk_size):
-    from kernels_pallas import mosaic_sweeps
+    from kernels_pallas import mosaic_common
     from kernels_pallas.gated_delta_rule import padded_head_dims
     Kp, Vp = padded_head_dims(K, V)
-    reason = mosaic_sweeps.unsupported_reason(C=chunk_size, K=Kp, V=Vp, BV=64, dtype=dtype)
+    reason = mosaic_common.unsupported_reason(C=chunk_size, K=Kp, V=Vp, BV=64, dtype=dtype)
     if reason is None and jax.default_backend() == "gpu" and not on_hopper():
         reason = "the Mosaic GPU sweeps need a Hopper GPU (wgmma, TMA)"
-    if reason is None and jax.default_backend() != "gpu" and not mosaic_sweeps.interpret_supported():
+    if reason is None and jax.default_backend() != "gpu" and not mosaic_common.interpret_supported():
         reason = "running the Mosaic GPU sweeps without a GPU (interpret mode) needs jax >= 0.12"
     return reason
 

@@ -23,7 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import backward, context_parallel as cp, forward, mosaic_grads, mosaic_sweeps
+from kernels_pallas import backward, forward, mosaic_common, mosaic_grads, mosaic_sweeps
+from kernels_pallas import context_parallel as cp
 from kernels_pallas.layout import Tiling
 
 
@@ -248,16 +249,16 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                mosaic_warpgroups=mosaic_warpgroups, key_grads=key_grads, segments=segments,
                interpret=bool(interpret))
     if sweeps == "mosaic":
-        reason = mosaic_sweeps.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
+        reason = mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
         if reason is None and mosaic_warpgroups == 2 and t.K > 128:
             reason = f"the warp-specialised forward sweep fits shared memory up to K = 128, got {t.K}"
-        if reason is None and t.interpret and not mosaic_sweeps.interpret_supported():
+        if reason is None and t.interpret and not mosaic_common.interpret_supported():
             reason = "Mosaic GPU's interpret mode (for running without a GPU) needs jax >= 0.12"
         if reason is not None:
             raise ValueError(f"the Mosaic GPU sweeps cannot run this call: {reason}")
     if key_grads == "mosaic":
         reason = mosaic_grads.unsupported_reason(C=t.C, K=t.K, V=t.V, dtype=dtype)
-        if reason is None and t.interpret and not mosaic_sweeps.interpret_supported():
+        if reason is None and t.interpret and not mosaic_common.interpret_supported():
             reason = "Mosaic GPU's interpret mode (for running without a GPU) needs jax >= 0.12"
         if reason is not None:
             raise ValueError(f"key_grads='mosaic' cannot run this call: {reason}")

@@ -23,8 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.layout import Tiling
-from kernels_pallas.mosaic_sweeps import (_Chunk, _flat, _gate_srcs, _mms, _tile, gate_rows, plgpu,
-                                          unsupported_reason as _sweeps_unsupported)
+from kernels_pallas.mosaic_common import (ChunkDecays, flat, gate_rows, gate_srcs, launch, mms, plgpu,
+                                          tile, unsupported_reason as _sweeps_unsupported)
 
 
 def unsupported_reason(*, C, K, V, dtype) -> str | None:
@@ -58,21 +58,21 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
         srcs = [q_ref.at[b, rows, h, :], k_ref.at[b, rows, h, :], dqk_ref.at[b, rows, hv, :],
                 y_ref.at[b, rows, hv, :], s_ref.at[b, n, hv], ds_ref.at[b, n, hv],
                 do_ref.at[b, rows, hv, :], vn_ref.at[b, rows, hv, :], tdvn_ref.at[b, rows, hv, :],
-                *[src.at[rows] for src in _gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]]
+                *[src.at[rows] for src in gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]]
         dsts = [q_s, k_s, dqk_s, y_s, s_s, ds_s, do_s, vn_s, tdvn_s, *gates]
         for src, dst in zip(srcs, dsts):
             plgpu.copy_gmem_to_smem(src, dst, bar)
         plgpu.barrier_wait(bar)
-        ch = _Chunk(gates)
+        ch = ChunkDecays(gates)
         row = ch.row
 
         # dq, and the row sum of dO * (Q S) for dG
         do_c = plgpu.load(do_s, layout=WGMMA).astype(jnp.float32)
-        (QS,) = _mms(((C, V), [(q_s, s_s)]))
+        (QS,) = mms(((C, V), [(q_s, s_s)]))
         r_q = jnp.sum(do_c * QS, axis=1)
         do_s[...] = (row(ch.d_in, V) * do_c).astype(dt)
         plgpu.commit_smem()
-        (acc_dq,) = _mms(((C, K), [(do_s, s_s.T), (dqk_s, k_s)]))
+        (acc_dq,) = mms(((C, K), [(do_s, s_s.T), (dqk_s, k_s)]))
         out_s[...] = (acc_dq * t.scale).astype(out_dt)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_s, dq_ref.at[b, rows, hv, :])
@@ -80,16 +80,16 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
         # the row sums through K S and K dS
         tdvn_c = plgpu.load(tdvn_s, layout=WGMMA).astype(jnp.float32)
         vn_c = plgpu.load(vn_s, layout=WGMMA).astype(jnp.float32)
-        (KS,) = _mms(((C, V), [(k_s, s_s)]))
+        (KS,) = mms(((C, V), [(k_s, s_s)]))
         kbg_dot = -ch.d_in * jnp.sum(tdvn_c * KS, axis=1)
-        (KdS,) = _mms(((C, V), [(k_s, ds_s)]))
+        (KdS,) = mms(((C, V), [(k_s, ds_s)]))
         x_out = ch.d_out * jnp.sum(vn_c * KdS, axis=1)
 
         # dk: the row scalings go on the [C, V] operands, so one accumulator takes four products
         vn_s[...] = (row(ch.d_out, V) * vn_c).astype(dt)
         tdvn_s[...] = (-(ch.beta(V) * row(ch.d_in, V)) * tdvn_c).astype(dt)
         plgpu.commit_smem()
-        acc_dk, acc_qt = _mms(((C, K), [(vn_s, ds_s.T), (tdvn_s, s_s.T), (y_s, k_s), (y_s.T, k_s)]),
+        acc_dk, acc_qt = mms(((C, K), [(vn_s, ds_s.T), (tdvn_s, s_s.T), (y_s, k_s), (y_s.T, k_s)]),
                               ((C, K), [(dqk_s.T, q_s)]))
         plgpu.wait_smem_to_gmem(0)  # dq has left out_s
         out_s[...] = (acc_dk + t.scale * acc_qt).astype(out_dt)
@@ -112,20 +112,19 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
         plgpu.copy_smem_to_gmem(dbeta_s, dbeta_ref.at[b, hv, rows])
         plgpu.wait_smem_to_gmem(0)
 
-    tiles = [_tile((C, K), dt), _tile((C, K), dt), _tile((C, C), dt), _tile((C, C), dt),
-             _tile((K, V), dt), _tile((K, V), dt), _tile((C, V), dt), _tile((C, V), dt), _tile((C, V), dt)]
+    tiles = [tile((C, K), dt), tile((C, K), dt), tile((C, C), dt), tile((C, C), dt),
+             tile((K, V), dt), tile((K, V), dt), tile((C, V), dt), tile((C, V), dt), tile((C, V), dt)]
     tiles += [plgpu.SMEM((C,), jnp.float32)] * (3 + 2 * has_docs)
     n_copies = len(tiles)
-    scratch = tiles + [_tile((C, K), out_dt), plgpu.SMEM((C,), jnp.float32), plgpu.SMEM((C,), jnp.float32),
+    scratch = tiles + [tile((C, K), out_dt), plgpu.SMEM((C,), jnp.float32), plgpu.SMEM((C,), jnp.float32),
                        plgpu.Barrier(num_arrivals=n_copies)]
     gates_out = jax.ShapeDtypeStruct((t.B, t.HV, N * C), jnp.float32)
     per_key = jax.ShapeDtypeStruct((t.B, N * C, t.HV, K), out_dt)
-    args = [_flat(q), _flat(k), _flat(d_qk), _flat(Y), states_in, dstates_out, _flat(do.astype(dt)),
-            _flat(vnew), _flat(t_dvnew), G, beta_rows] + ([rel] if has_docs else [])
-    kw = {"interpret": plgpu.InterpretGPUParams()} if t.interpret else {}
+    args = [flat(q), flat(k), flat(d_qk), flat(Y), states_in, dstates_out, flat(do.astype(dt)),
+            flat(vnew), flat(t_dvnew), G, beta_rows] + ([rel] if has_docs else [])
     dq, dk, dG, dbeta = plgpu.kernel(
         body, out_type=[per_key, per_key, gates_out, gates_out], scratch_types=scratch,
-        grid=(N, t.B * t.HV), grid_names=("n", "bh"), kernel_name="gdn_mosaic_key_grads", **kw,
+        grid=(N, t.B * t.HV), grid_names=("n", "bh"), kernel_name="gdn_mosaic_key_grads", **launch(t),
     )(*args)
     chunked = lambda x: x.reshape(t.B, N, C, *x.shape[2:])
     rows_back = lambda x: jnp.moveaxis(x, 1, 2).reshape(t.B, N, C, t.HV, 1)

@@ -14,9 +14,8 @@ chunk's W and U products on the fly instead of reading precomputed W [C, K] and 
 
 One program (one warpgroup) per (batch * value head, value tile of BV columns). Its state tile lives
 in registers as a wgmma accumulator and is copied to shared memory in the matmul dtype once per chunk;
-every product is a wgmma on shared-memory operands. The interpret mode of jax >= 0.12 runs the same
-kernels on a CPU (it supports neither register operands nor pre-initialised accumulators, which is
-why each product starts from a zero accumulator and is added to its scaled carry).
+every product is a wgmma on shared-memory operands (mosaic_common.py says why, and what the kernels
+share).
 
 Shapes follow the Triton kernels' chunked layouts (kernels_pallas/layout.py); the gates go in as
 [B, HV, T] rows, since a TMA copy needs a contiguous minor dimension.
@@ -24,205 +23,14 @@ Shapes follow the Triton kernels' chunked layouts (kernels_pallas/layout.py); th
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.layout import Tiling
-
-try:  # Mosaic GPU ships with every supported jax; its interpret mode only with jax >= 0.12.
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-except ImportError:  # pragma: no cover
-    plgpu = None
-
-CHUNK = 64  # wgmma's M: the chunk is one 64-row tile
-
-
-# The kernels use Mosaic GPU Pallas as of jax 0.11 (jax 0.10's `plgpu.load` differs, for one).
-MIN_JAX = (0, 11)
-
-
-def interpret_supported() -> bool:
-    return plgpu is not None and hasattr(plgpu, "InterpretGPUParams")
-
-
-def unsupported_reason(*, C, K, V, BV, dtype) -> str | None:
-    """Why a call (chunk size C, head dims K, V as the kernels see them, value tile BV, input dtype)
-    cannot run on the Mosaic sweeps, or None if it can."""
-    if plgpu is None or jax.__version_info__[:2] < MIN_JAX:
-        return f"the Mosaic GPU sweeps need jax >= {MIN_JAX[0]}.{MIN_JAX[1]}, this is {jax.__version__}"
-    if C != CHUNK:
-        return f"chunk_size must be {CHUNK} (one wgmma tile), got {C}"
-    if jnp.dtype(dtype).itemsize != 2:
-        return f"q, k, v must be bfloat16 or float16 (wgmma operands), got {jnp.dtype(dtype).name}"
-    if K % 64 or BV % 64 or V % BV:
-        # block_v 32 (64-byte rows) fails Mosaic's layout inference in jax 0.11 and 0.12.
-        return f"head dims and block_v must be multiples of 64 (got K={K}, V={V}, block_v={BV})"
-    return None
-
-
-def _launch(t: Tiling):
-    kw = {}
-    if t.interpret:
-        kw["interpret"] = plgpu.InterpretGPUParams()
-    return kw
-
-
-def _tile(shape, dtype):
-    """A shared-memory tile of this shape in the swizzled layout wgmma and TMA use without bank
-    conflicts: tiles of 8 rows of (at most) 128 bytes."""
-    width = min(128, shape[-1] * jnp.dtype(dtype).itemsize)
-    return plgpu.SMEM(shape, dtype, transforms=(
-        plgpu.TilingTransform((8, width // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(width)))
-
-
-def _spec(shape, index_map):
-    """A pipelined bf16 [rows, cols] tile (the matmul dtype; the transforms depend only on its width)."""
-    return plgpu.BlockSpec(shape, index_map, transforms=_tile(shape, jnp.bfloat16).transforms)
-
-
-def _mms(*products, overlap=None):
-    """Independent products issued together and waited for once. Each product is
-    (shape, [(a1, b1), (a2, b2), ...]): the sum of a_i @ b_i in one float32 accumulator.
-    overlap: register work run while the tensor cores are busy; returns (products, its result)."""
-    def run(*accs):
-        for acc, (_, pairs) in zip(accs, products):
-            for a, b in pairs:
-                plgpu.wgmma(acc, a, b)
-        extra = overlap() if overlap is not None else None
-        return tuple(acc[...] for acc in accs), extra
-    out, extra = pl.run_scoped(run, *(plgpu.ACC(shape, jnp.float32) for shape, _ in products))
-    return out if overlap is None else (out, extra)
-
-
-def _state_buffer(shape):
-    return _tile(shape, jnp.float32)
-
-
-def _load_state(src):
-    """A float32 [K, BV] state tile from global memory into wgmma registers. Its staging buffer is
-    scoped to this load, so the pipeline that follows reuses the shared memory."""
-    def run(buf, bar):
-        plgpu.copy_gmem_to_smem(src, buf, bar)
-        plgpu.barrier_wait(bar)
-        return plgpu.load(buf, layout=plgpu.Layout.WGMMA)
-    return pl.run_scoped(run, _state_buffer(src.shape), plgpu.Barrier())
-
-
-def _store_state(S, dst):
-    def run(buf):
-        buf[...] = S
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(buf, dst)
-        plgpu.wait_smem_to_gmem(0)
-    pl.run_scoped(run, _state_buffer(dst.shape))
-
-
-def _gate_specs(index_map, has_docs):
-    """Pipeline specs of a chunk's gate vectors: G twice, beta, and with documents rel twice. Each
-    shared-memory buffer is read in one register layout only (Mosaic's layout inference), so the
-    vectors needed both per row and per column arrive twice."""
-    return [plgpu.BlockSpec((CHUNK,), index_map)] * (3 + 2 * has_docs)
-
-
-def _gate_srcs(G_ref, beta_ref, rel_ref, b, hv):
-    G = G_ref.at[b, hv, :]
-    return [G, G, beta_ref.at[b, hv, :]] + ([rel_ref.at[b, :]] * 2 if rel_ref is not None else [])
-
-
-def _program(t: Tiling):
-    """(batch, value head, q/k head, value-tile slice) of this program of the (B*HV, V/BV) grid."""
-    bh, j = lax.axis_index("bh"), lax.axis_index("vt")
-    b, hv = bh // t.HV, bh % t.HV
-    return b, hv, hv // t.group, pl.ds(j * t.BV, t.BV)
-
-
-class _Chunk:
-    """The decays of one chunk in wgmma register layouts, from its G (in-chunk cumulative log-decay)
-    and, with documents, rel (document index relative to the one the entering state belongs to),
-    given as the buffers of `_gate_specs` (beta's is read by the sweeps). Masks are applied before
-    every exp, so no masked entry can overflow."""
-
-    def __init__(self, gates):
-        C = CHUNK
-        G_s, Gc_s, self.beta_s, *rels = gates
-        row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-        self.G_row = plgpu.load(G_s, layout=row_l)
-        self.G_col = plgpu.load(Gc_s, layout=col_l)
-        self.G_last = G_s[C - 1]
-        rows = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=plgpu.Layout.WGMMA)
-        cols = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=plgpu.Layout.WGMMA)
-        self.lower = cols <= rows                       # j <= r
-        self.upper = rows <= cols                       # r <= j (the transpose's support)
-        keep_in = keep_out = None
-        keep_chunk = True
-        if rels:
-            r_row = plgpu.load(rels[0], layout=row_l)
-            r_col = plgpu.load(rels[1], layout=col_l)
-            rel_last = rels[0][C - 1]
-            same = self.row(r_row, C) == self.col(r_col, C)
-            self.lower = self.lower & same
-            self.upper = self.upper & same
-            keep_in, keep_out, keep_chunk = r_row == 0.0, r_row == rel_last, rel_last == 0.0
-        self.d_in = self._masked_exp(self.G_row, keep_in)
-        self.d_out = self._masked_exp(self.G_last - self.G_row, keep_out)
-        self.d_chunk = jnp.where(keep_chunk, jnp.exp(self.G_last), 0.0)
-
-    def beta(self, width):
-        """beta per row, broadcast to [C, width]."""
-        return self.row(plgpu.load(self.beta_s, layout=plgpu.Layout.WGMMA.reduce(1)), width)
-
-    @staticmethod
-    def _masked_exp(x, keep):
-        return jnp.exp(x) if keep is None else jnp.exp(jnp.where(keep, x, -jnp.inf))
-
-    @staticmethod
-    def row(x, width):
-        """[C] per-row vector broadcast to [C, width]."""
-        return lax.broadcast_in_dim(x, (CHUNK, width), [0])
-
-    @staticmethod
-    def col(x, rows):
-        """[C] per-column vector broadcast to [rows, C]."""
-        return lax.broadcast_in_dim(x, (rows, CHUNK), [1])
-
-    def gamma(self):
-        """Gamma_rj = exp(G_r - G_j) for j <= r in one document, else 0."""
-        diff = self.row(self.G_row, CHUNK) - self.col(self.G_col, CHUNK)
-        return jnp.exp(jnp.where(self.lower, diff, -jnp.inf))
-
-    def gamma_t(self):
-        """Gamma^T: entry (j, r) = Gamma_rj."""
-        diff = self.col(self.G_col, CHUNK) - self.row(self.G_row, CHUNK)
-        return jnp.exp(jnp.where(self.upper, diff, -jnp.inf))
-
-
-def _rows_by_head(x, t: Tiling):
-    """[B, N, C, HV] -> [B, HV, T] float32 rows (TMA needs the time axis contiguous)."""
-    return jnp.moveaxis(x.reshape(t.B, t.N * t.C, t.HV), 1, 2).astype(jnp.float32)
-
-
-def gate_rows(g, beta, docs, t: Tiling):
-    """G (in-chunk cumsum of g) and beta as [B, HV, T] rows, and with documents rel [B, T]: each
-    position's document index counted from the one the entering state belongs to (0: the state
-    reaches it). From the chunk's own doc and reach_in (kernels_pallas.gated_delta_rule.document_masks),
-    so it stays right when the chunks are regrouped into sequence segments."""
-    G = _rows_by_head(jnp.cumsum(g, axis=2), t)
-    beta_rows = _rows_by_head(beta, t)
-    rel = None
-    if docs:
-        doc, reach_in = docs[0], docs[1]  # [B, N, C]
-        rel = doc - doc[..., :1] + (1 - reach_in[..., :1].astype(doc.dtype))
-        rel = rel.reshape(t.B, t.N * t.C).astype(jnp.float32)
-    return G, beta_rows, rel
-
-
-def _flat(x):
-    """[B, N, C, heads, D] -> [B, T, heads, D]."""
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+from kernels_pallas.mosaic_common import (ChunkDecays, flat, gate_rows, gate_specs, gate_srcs, launch,
+                                          load_state, mms, plgpu, program_ids, spec, store_state, tile)
 
 
 def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out_dtype=None):
@@ -255,8 +63,8 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
         vn_smem, p_smem, o_smem = (next(it), next(it), next(it)) if with_o else (None, None, None)
         vno_smem = next(it) if with_res else None
 
-        b, hv, h, vs = _program(t)
-        S0 = _load_state(s0_ref.at[b, hv, :, vs])
+        b, hv, h, vs = program_ids(t)
+        S0 = load_state(s0_ref.at[b, hv, :, vs])
 
         def step(idx, *stage_refs):
             n = idx[0]
@@ -264,7 +72,7 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
             it_s = iter(stage_refs)
             q_s = next(it_s) if with_o else None
             k_s, v_s, T_s = next(it_s), next(it_s), next(it_s)
-            ch = _Chunk(list(it_s))
+            ch = ChunkDecays(list(it_s))
             slot = n % 2
             if with_res or with_o:
                 # The copies out of the slot written two chunks ago must have read it.
@@ -275,10 +83,10 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
             # Three waits per chunk: [K S, Q S, Q K^T] -> [T X] -> [P Vnew, K^T (d_out Vnew)], with
             # the register work that does not feed the next product overlapping the tensor cores.
             if with_o:
-                (KS, QS, QK), gamma = _mms(((C, BV), [(k_s, s_buf)]), ((C, BV), [(q_s, s_buf)]),
+                (KS, QS, QK), gamma = mms(((C, BV), [(k_s, s_buf)]), ((C, BV), [(q_s, s_buf)]),
                                            ((C, C), [(q_s, k_s.T)]), overlap=ch.gamma)
             else:
-                (KS,) = _mms(((C, BV), [(k_s, s_buf)]))
+                (KS,) = mms(((C, BV), [(k_s, s_buf)]))
             if with_res:  # the state entering chunk n
                 plgpu.copy_smem_to_gmem(s_buf, sin_ref.at[b, n, hv, :, vs], commit_group=False)
             v_c = plgpu.load(v_s, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
@@ -287,10 +95,10 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
                 p_smem[...] = (QK * gamma * t.scale).astype(dt)
             plgpu.commit_smem()
             if with_o:
-                (vnew,), o_inter = _mms(((C, BV), [(T_s, x_smem)]),
+                (vnew,), o_inter = mms(((C, BV), [(T_s, x_smem)]),
                                         overlap=lambda: ch.row(ch.d_in * t.scale, BV) * QS)
             else:
-                (vnew,) = _mms(((C, BV), [(T_s, x_smem)]))
+                (vnew,) = mms(((C, BV), [(T_s, x_smem)]))
             if with_res:
                 vno_smem.at[slot][...] = vnew.astype(dt)
             if with_o:
@@ -302,40 +110,40 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
                                         commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
             if with_o:
-                PV, KV = _mms(((C, BV), [(p_smem, vn_smem)]), ((K, BV), [(k_s.T, x_smem)]))
+                PV, KV = mms(((C, BV), [(p_smem, vn_smem)]), ((K, BV), [(k_s.T, x_smem)]))
                 o_smem.at[slot][...] = (o_inter + PV).astype(o_smem.dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_smem.at[slot], o_ref.at[b, pl.ds(n * C, C), hv, vs])
             else:
-                (KV,) = _mms(((K, BV), [(k_s.T, x_smem)]))
+                (KV,) = mms(((K, BV), [(k_s.T, x_smem)]))
             return ch.d_chunk * S + KV
 
         fwd = lambda n: (n, 0)
-        in_specs = ([_spec((C, K), fwd)] * (1 + with_o) + [_spec((C, BV), fwd), _spec((C, C), fwd)]
-                    + _gate_specs(lambda n: (n,), has_docs))
+        in_specs = ([spec((C, K), fwd)] * (1 + with_o) + [spec((C, BV), fwd), spec((C, C), fwd)]
+                    + gate_specs(lambda n: (n,), has_docs))
         srcs = ([q_ref.at[b, :, h, :]] if with_o else []) + [
             k_ref.at[b, :, h, :], v_ref.at[b, :, hv, vs], T_ref.at[b, :, hv, :],
-            *_gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]
+            *gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]
         S = plgpu.emit_pipeline(step, grid=(N,), in_specs=in_specs, max_concurrent_steps=stages,
                                 init_carry=S0)(*srcs)
         plgpu.wait_smem_to_gmem(0)
-        _store_state(S, sT_ref.at[b, hv, :, vs])
+        store_state(S, sT_ref.at[b, hv, :, vs])
 
     state = jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)
     out_type = ([jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), out_dtype)] if with_o else []) + [state]
     if with_res:
         out_type += [jax.ShapeDtypeStruct((t.B, N, t.HV, K, V), dt),
                      jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), dt)]
-    scratch = [_tile((2, K, BV) if with_res else (K, BV), dt), _tile((C, BV), dt)]
+    scratch = [tile((2, K, BV) if with_res else (K, BV), dt), tile((C, BV), dt)]
     if with_o:
-        scratch += [_tile((C, BV), dt), _tile((C, C), dt), _tile((2, C, BV), out_dtype)]
+        scratch += [tile((C, BV), dt), tile((C, C), dt), tile((2, C, BV), out_dtype)]
     if with_res:
-        scratch += [_tile((2, C, BV), dt)]
-    args = ([_flat(q)] if with_o else []) + [_flat(k), _flat(v), _flat(T), G, beta_rows]
+        scratch += [tile((2, C, BV), dt)]
+    args = ([flat(q)] if with_o else []) + [flat(k), flat(v), flat(T), G, beta_rows]
     args += ([rel] if has_docs else []) + [initial_state]
     outs = plgpu.kernel(body, out_type=out_type, scratch_types=scratch,
                         grid=(t.B * t.HV, V // BV), grid_names=("bh", "vt"),
-                        kernel_name=f"gdn_mosaic_sweep_{mode}", **_launch(t))(*args)
+                        kernel_name=f"gdn_mosaic_sweep_{mode}", **launch(t))(*args)
     chunked = lambda x: x.reshape(t.B, N, C, *x.shape[2:])
     if with_o:
         return chunked(outs[0]), outs[1]
@@ -366,10 +174,10 @@ def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tilin
         scratch = refs[n_in + 3:]
         (bufs, s_buf, vn_buf, x_smem, p_smem, o_buf, st_smem,
          loaded, consumed, s_ready, s_free, vn_ready, vn_free, st_bar) = scratch
-        b, hv, h, vs = _program(t)
+        b, hv, h, vs = program_ids(t)
         wg = lax.axis_index("wg")
         srcs = [q_ref.at[b, :, h, :], k_ref.at[b, :, h, :], v_ref.at[b, :, hv, vs], T_ref.at[b, :, hv, :],
-                *_gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]
+                *gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]
 
         def stage(n):
             slot = n % stages
@@ -400,7 +208,7 @@ def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tilin
                 slot, (_, k_s, v_s, T_s, *gates) = stage(n)
                 half = n % 2
                 plgpu.barrier_wait(loaded.at[slot])
-                ch = _Chunk(gates)
+                ch = ChunkDecays(gates)
 
                 @pl.when(n >= 2)
                 def _():
@@ -408,11 +216,11 @@ def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tilin
                 s_buf.at[half][...] = S.astype(dt)
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(s_ready.at[half])
-                (KS,) = _mms(((C, BV), [(k_s, s_buf.at[half])]))
+                (KS,) = mms(((C, BV), [(k_s, s_buf.at[half])]))
                 v_c = plgpu.load(v_s, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
                 x_smem[...] = (ch.beta(BV) * (v_c - ch.row(ch.d_in, BV) * KS)).astype(dt)
                 plgpu.commit_smem()
-                (vnew,) = _mms(((C, BV), [(T_s, x_smem)]))
+                (vnew,) = mms(((C, BV), [(T_s, x_smem)]))
 
                 @pl.when(n >= 2)
                 def _():
@@ -421,7 +229,7 @@ def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tilin
                 x_smem[...] = (ch.row(ch.d_out, BV) * vnew).astype(dt)
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(vn_ready.at[half])
-                (KV,) = _mms(((K, BV), [(k_s.T, x_smem)]))
+                (KV,) = mms(((K, BV), [(k_s.T, x_smem)]))
                 plgpu.barrier_arrive(consumed.at[slot])
                 return ch.d_chunk * S + KV
 
@@ -440,15 +248,15 @@ def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tilin
                 slot, (q_s, k_s, _, _, *gates) = stage(n)
                 half = n % 2
                 plgpu.barrier_wait(loaded.at[slot])
-                ch = _Chunk(gates)
-                (QK,), gamma = _mms(((C, C), [(q_s, k_s.T)]), overlap=ch.gamma)
+                ch = ChunkDecays(gates)
+                (QK,), gamma = mms(((C, C), [(q_s, k_s.T)]), overlap=ch.gamma)
                 p_smem[...] = (QK * gamma * t.scale).astype(dt)
                 plgpu.commit_smem()
                 plgpu.barrier_wait(s_ready.at[half])
-                (QS,) = _mms(((C, BV), [(q_s, s_buf.at[half])]))
+                (QS,) = mms(((C, BV), [(q_s, s_buf.at[half])]))
                 plgpu.barrier_arrive(s_free.at[half])
                 plgpu.barrier_wait(vn_ready.at[half])
-                (PV,), o_inter = _mms(((C, BV), [(p_smem, vn_buf.at[half])]),
+                (PV,), o_inter = mms(((C, BV), [(p_smem, vn_buf.at[half])]),
                                       overlap=lambda: ch.row(ch.d_in * t.scale, BV) * QS)
                 plgpu.barrier_arrive(vn_free.at[half])
                 plgpu.barrier_arrive(consumed.at[slot])
@@ -459,21 +267,21 @@ def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tilin
             plgpu.wait_smem_to_gmem(0)
 
     tile_shapes = [(C, K), (C, K), (C, BV), (C, C)]
-    bufs = [_tile((stages, *shape), dt) for shape in tile_shapes]
+    bufs = [tile((stages, *shape), dt) for shape in tile_shapes]
     bufs += [plgpu.SMEM((stages, C), jnp.float32)] * (3 + 2 * has_docs)
     barrier = lambda arrivals, n: plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)
-    scratch = [bufs, _tile((2, K, BV), dt), _tile((2, C, BV), dt), _tile((C, BV), dt), _tile((C, C), dt),
-               _tile((2, C, BV), out_dtype), _tile((K, BV), jnp.float32),
+    scratch = [bufs, tile((2, K, BV), dt), tile((2, C, BV), dt), tile((C, BV), dt), tile((C, C), dt),
+               tile((2, C, BV), out_dtype), tile((K, BV), jnp.float32),
                barrier(len(bufs), stages),  # loaded: one arrival per TMA copy of a chunk
                barrier(2, stages),          # consumed: both compute groups are done with a chunk
                barrier(1, 2), barrier(1, 2), barrier(1, 2), barrier(1, 2),  # S and Vnew handed over
                plgpu.Barrier()]
-    args = [_flat(q), _flat(k), _flat(v), _flat(T), G, beta_rows] + ([rel] if has_docs else [])
+    args = [flat(q), flat(k), flat(v), flat(T), G, beta_rows] + ([rel] if has_docs else [])
     o, S_final = plgpu.kernel(
         body, out_type=[jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), out_dtype),
                         jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)],
         scratch_types=scratch, grid=(t.B * t.HV, V // BV), grid_names=("bh", "vt"),
-        num_threads=3, thread_name="wg", kernel_name="gdn_mosaic_sweep_output_ws", **_launch(t),
+        num_threads=3, thread_name="wg", kernel_name="gdn_mosaic_sweep_output_ws", **launch(t),
     )(*args, initial_state)
     return o.reshape(t.B, N, C, *o.shape[2:]), S_final
 
@@ -501,8 +309,8 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
         ds0_ref = next(it)
         ds_smem, pt_smem, dvn_smem, z_smem, dos_smem = (next(it) for _ in range(5))
 
-        b, hv, h, vs = _program(t)
-        dS0 = _load_state(dsT_ref.at[b, hv, :, vs])
+        b, hv, h, vs = program_ids(t)
+        dS0 = load_state(dsT_ref.at[b, hv, :, vs])
 
         def step(idx, *stage_refs):
             n = N - 1 - idx[0]
@@ -510,7 +318,7 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
             q_s, k_s, do_s, T_s = stage_refs[:4]
             gates = stage_refs[4:]
             slot = idx[0] % 2
-            ch = _Chunk(gates)
+            ch = ChunkDecays(gates)
             if full:
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)
             ds_buf = ds_smem.at[slot] if full else ds_smem
@@ -520,11 +328,11 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
             plgpu.commit_smem()
             if full:  # dL/dS leaving chunk n
                 plgpu.copy_smem_to_gmem(ds_buf, ds_out_ref.at[b, n, hv, :, vs], commit_group=False)
-            (KdS, KQ, QtdO), gamma_t = _mms(((C, BV), [(k_s, ds_buf)]), ((C, C), [(k_s, q_s.T)]),
+            (KdS, KQ, QtdO), gamma_t = mms(((C, BV), [(k_s, ds_buf)]), ((C, C), [(k_s, q_s.T)]),
                                             ((K, BV), [(q_s.T, dos_smem)]), overlap=ch.gamma_t)
             pt_smem[...] = (KQ * gamma_t * t.scale).astype(dt)
             plgpu.commit_smem()
-            (loc,), dvn_inter = _mms(((C, BV), [(pt_smem, do_s)]),
+            (loc,), dvn_inter = mms(((C, BV), [(pt_smem, do_s)]),
                                      overlap=lambda: ch.row(ch.d_out, BV) * KdS)
             dvn_buf = dvn_smem.at[slot] if full else dvn_smem
             dvn_buf[...] = (dvn_inter + loc).astype(dt)
@@ -533,37 +341,37 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
                 plgpu.copy_smem_to_gmem(dvn_buf, dvn_out_ref.at[b, pl.ds(n * C, C), hv, vs],
                                         commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
-            (Y,), beta_d_in = _mms(((C, BV), [(T_s.T, dvn_buf)]),    # T^T dVnew
+            (Y,), beta_d_in = mms(((C, BV), [(T_s.T, dvn_buf)]),    # T^T dVnew
                                    overlap=lambda: ch.beta(BV) * ch.row(ch.d_in, BV))
             z_smem[...] = (-beta_d_in * Y).astype(dt)
             plgpu.commit_smem()
-            (KZ,), dS_inter = _mms(((K, BV), [(k_s.T, z_smem)]), overlap=lambda: ch.d_chunk * dS + QtdO)
+            (KZ,), dS_inter = mms(((K, BV), [(k_s.T, z_smem)]), overlap=lambda: ch.d_chunk * dS + QtdO)
             return dS_inter + KZ
 
         rev = lambda i: (N - 1 - i, 0)
-        in_specs = [_spec((C, K), rev)] * 2 + [_spec((C, BV), rev), _spec((C, C), rev),
-            *_gate_specs(lambda i: (N - 1 - i,), has_docs)]
+        in_specs = [spec((C, K), rev)] * 2 + [spec((C, BV), rev), spec((C, C), rev),
+            *gate_specs(lambda i: (N - 1 - i,), has_docs)]
         srcs = [q_ref.at[b, :, h, :], k_ref.at[b, :, h, :], do_ref.at[b, :, hv, vs], T_ref.at[b, :, hv, :],
-                *_gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]
+                *gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]
         dS = plgpu.emit_pipeline(step, grid=(N,), in_specs=in_specs, max_concurrent_steps=t.mosaic_stages,
                                  init_carry=dS0)(*srcs)
         plgpu.wait_smem_to_gmem(0)
-        _store_state(dS, ds0_ref.at[b, hv, :, vs])
+        store_state(dS, ds0_ref.at[b, hv, :, vs])
 
     state = jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)
     out_type = ([jax.ShapeDtypeStruct((t.B, N, t.HV, K, V), dt),
                  jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), dt)] if full else []) + [state]
     double = (2,) if full else ()  # tiles copied out asynchronously alternate between two buffers
-    scratch = [_tile((*double, K, BV), dt),     # dS
-               _tile((C, C), dt),               # scale K Q^T * Gamma^T
-               _tile((*double, C, BV), dt),     # dVnew
-               _tile((C, BV), dt),              # beta d_in T^T dVnew
-               _tile((C, BV), dt)]              # scale d_in dO
-    args = [_flat(q), _flat(k), _flat(do.astype(dt)), _flat(T), G, beta_rows]
+    scratch = [tile((*double, K, BV), dt),     # dS
+               tile((C, C), dt),               # scale K Q^T * Gamma^T
+               tile((*double, C, BV), dt),     # dVnew
+               tile((C, BV), dt),              # beta d_in T^T dVnew
+               tile((C, BV), dt)]              # scale d_in dO
+    args = [flat(q), flat(k), flat(do.astype(dt)), flat(T), G, beta_rows]
     args += ([rel] if has_docs else []) + [dS_final]
     outs = plgpu.kernel(body, out_type=out_type, scratch_types=scratch,
                         grid=(t.B * t.HV, V // BV), grid_names=("bh", "vt"),
-                        kernel_name=f"gdn_mosaic_reverse_{mode}", **_launch(t))(*args)
+                        kernel_name=f"gdn_mosaic_reverse_{mode}", **launch(t))(*args)
     if full:
         return outs[0], outs[1].reshape(t.B, N, C, *outs[1].shape[2:]), outs[2]
     return outs[0]

@@ -251,9 +251,9 @@ def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
     """Lowers the Mosaic sweeps for CUDA on this CPU, as if for a Hopper GPU: Mosaic's layout
     inference and shared-memory planning run here, so a kernel that would not compile on the GPU
     fails in CI rather than on the device."""
-    from kernels_pallas import mosaic_sweeps as ms
+    from kernels_pallas import mosaic_common, mosaic_sweeps as ms
     from kernels_pallas.gated_delta_rule import make_tiling
-    if (reason := ms.unsupported_reason(C=64, K=128, V=128, BV=64, dtype=BF16)) is not None:
+    if (reason := mosaic_common.unsupported_reason(C=64, K=128, V=128, BV=64, dtype=BF16)) is not None:
         pytest.skip(reason)
     import jax.experimental.mosaic.gpu.utils as mgpu_utils
     monkeypatch.setattr(mgpu_utils, "_infer_arch", lambda: (9, 0))
