@@ -86,7 +86,8 @@ def resolve_config(args):
     return cfg, workdir
 
 
-def main(argv=None) -> int:
+def main(argv=None, on_batch=None) -> int:
+    """Runs the command line; on_batch as in gdn_jax.train.loop.train (for audits and tests)."""
     args = parse_args(argv)
     single_threaded_eigen_on_cpu()
     overlap_collectives()
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
 
     try:
         loop.train(cfg, workdir, stop_step=args.steps, init_from=args.init_from,
-                   init_step=args.init_step)
+                   init_step=args.init_step, on_batch=on_batch)
     except loop.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3

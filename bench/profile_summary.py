@@ -1,12 +1,19 @@
-"""Where a profiled GPU run spent its time: kernel time per step, grouped, from a jax.profiler trace.
+"""Where a profiled GPU run spent its time: kernel time per step, grouped, and exposed communication,
+from a jax.profiler trace; and the collectives of a compiled step, from its HLO text.
 
     with jax.profiler.trace(DIR): ...run `steps` steps...
-    print(summarize(DIR, steps))
+    print(summarize(DIR, steps, step_ms=...))
+    print(collectives_table(hlo_collectives(compiled.as_text())))
 
 Reads the trace's XSpace with jax.profiler.ProfileData (no TensorBoard needed) and sums the duration
 of every event on the GPU planes' "XLA Ops" lines (one event per executed HLO op or custom call) or,
 where a trace has none, on their CUDA stream lines (one event per kernel), so the groups are device
 time, not wall time.
+
+Exposed communication: on each GPU, the time during which a collective kernel (NCCL) runs on some
+stream and no other kernel runs on any stream: what overlap has not hidden, and what the step would
+lose with infinitely fast links. It needs the per-stream kernel timeline (the "Stream" lines); an
+NCCL kernel's time includes its wait for the other GPUs, so load imbalance counts as communication.
 """
 
 from __future__ import annotations
@@ -14,15 +21,17 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import re
 
 # (group, substrings of the op name that put it there); the first match wins.
 GROUPS = (
     ("GDN Pallas kernels", ("gdn_",)),
     ("matmuls (cuBLAS / dot fusions)", ("gemm", "cublas", "dot", "matmul", "cutlass", "nvjet", "xmma")),
     ("attention", ("flash", "attention", "cudnn")),
-    ("collectives", ("all-reduce", "all-gather", "reduce-scatter", "collective", "nccl")),
+    ("collectives", ("all-reduce", "all-gather", "reduce-scatter", "collective", "nccl", "all-to-all")),
     ("copies / transposes", ("copy", "transpose", "memcpy", "memset")),
 )
+COMMUNICATION = GROUPS[3][1]
 
 
 def group_of(name: str) -> str:
@@ -33,17 +42,24 @@ def group_of(name: str) -> str:
     return "other fusions (elementwise, reductions, optimizer)"
 
 
-def op_times(trace_dir: str) -> dict[str, float]:
-    """Total device milliseconds per op name over the whole trace (empty if no GPU plane)."""
+def is_communication(name: str) -> bool:
+    low = name.lower()
+    return any(k in low for k in COMMUNICATION)
+
+
+def _gpu_planes(trace_dir: str):
     from jax.profiler import ProfileData
 
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
     if not paths:
         raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
+    return [p for p in ProfileData.from_file(paths[-1]).planes if p.name.startswith("/device:GPU")]
+
+
+def op_times(trace_dir: str) -> dict[str, float]:
+    """Total device milliseconds per op name over the whole trace (empty if no GPU plane)."""
     totals = collections.Counter()
-    for plane in ProfileData.from_file(paths[-1]).planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
+    for plane in _gpu_planes(trace_dir):
         lines = list(plane.lines)
         ops = [l for l in lines if l.name == "XLA Ops"] or [l for l in lines if l.name.startswith("Stream")]
         for line in ops:
@@ -52,7 +68,50 @@ def op_times(trace_dir: str) -> dict[str, float]:
     return dict(totals)
 
 
-def summarize(trace_dir: str, steps: int, top: int = 12) -> str:
+def _union(intervals):
+    """Sorted, disjoint [start, end) intervals covering the given ones."""
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def exposed_time(communication, computation) -> tuple[float, float]:
+    """(time covered by the communication intervals, the part of it no computation interval
+    covers); intervals are (start, end) pairs in any unit."""
+    comm, comp = _union(communication), _union(computation)
+    total = sum(b - a for a, b in comm)
+    hidden, j = 0.0, 0
+    for a, b in comm:
+        while j < len(comp) and comp[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(comp) and comp[k][0] < b:
+            hidden += min(b, comp[k][1]) - max(a, comp[k][0])
+            k += 1
+    return total, total - hidden
+
+
+def communication_times(planes) -> list[tuple[float, float]]:
+    """Per GPU plane: (collective kernel ms, exposed ms) from its stream lines' kernel events."""
+    out = []
+    for plane in planes:
+        comm, comp = [], []
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for ev in line.events:
+                interval = (ev.start_ns, ev.start_ns + ev.duration_ns)
+                (comm if is_communication(ev.name) else comp).append(interval)
+        total, exposed = exposed_time(comm, comp)
+        out.append((total / 1e6, exposed / 1e6))
+    return out
+
+
+def summarize(trace_dir: str, steps: int, top: int = 12, step_ms: float | None = None) -> str:
     ops = op_times(trace_dir)
     if not ops:
         return "profile: no GPU 'XLA Ops' events in the trace (not a GPU run?)"
@@ -66,4 +125,47 @@ def summarize(trace_dir: str, steps: int, top: int = 12) -> str:
     lines.append(f"  top {top} ops:")
     for name, ms in collections.Counter(ops).most_common(top):
         lines.append(f"    {name[:60]:<60}{ms / steps:9.2f} ms  {100 * ms / total:5.1f} %")
+    comm = communication_times(_gpu_planes(trace_dir))
+    if comm:
+        kernel = sum(c for c, _ in comm) / len(comm) / steps
+        exposed = sum(e for _, e in comm) / len(comm) / steps
+        share = f" = {100 * exposed / step_ms:.1f} % of the {step_ms:.1f} ms step" if step_ms else ""
+        lines.append(f"communication per step (mean of {len(comm)} GPU(s) of this process): "
+                     f"{kernel:.2f} ms of collective kernels, {exposed:.2f} ms exposed{share}")
+    return "\n".join(lines)
+
+
+# ---- collectives of a compiled step (HLO text) -------------------------------------------------
+
+_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1,
+          "pred": 1, "s64": 8, "u64": 8}
+_COLLECTIVE = re.compile(r"^\s*\S+ = (.*?) (all-reduce|all-gather|reduce-scatter|"
+                         r"collective-permute|all-to-all)(?:-start)?\(", re.M)
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def hlo_collectives(hlo_text: str) -> dict[tuple[str, str], tuple[int, int]]:
+    """{(collective, dtype): (count, bytes of its results)} of an HLO module's text (async pairs
+    counted once, at their start). Results of an async start hold its operands too, so their bytes
+    are an upper bound."""
+    out = collections.defaultdict(lambda: [0, 0])
+    for shapes, op in _COLLECTIVE.findall(hlo_text):
+        for dtype, dims in _ARRAY.findall(shapes):
+            if dtype not in _BYTES:
+                continue
+            n = 1
+            for d in filter(None, dims.split(",")):
+                n *= int(d)
+            entry = out[(op, dtype)]
+            entry[0] += 1
+            entry[1] += n * _BYTES[dtype]
+    return {k: tuple(v) for k, v in sorted(out.items())}
+
+
+def collectives_table(collectives: dict) -> str:
+    lines = ["collectives in the compiled step (per device):"]
+    for (op, dtype), (count, nbytes) in collectives.items():
+        lines.append(f"  {op:<20}{dtype:<6}{count:6d} arrays {nbytes / 2**20:10.1f} MiB")
+    if len(lines) == 1:
+        lines.append("  none")
     return "\n".join(lines)

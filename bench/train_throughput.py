@@ -4,11 +4,21 @@
     python bench/train_throughput.py --config gdn_1.3b --remat dots
     python bench/train_throughput.py --config tiny --batch 2 --seq 128 --steps 3   # CPU smoke run
 
-Data-parallel scaling: one process per GPU, e.g. on one 8-GPU host
+Several GPUs: one process per GPU, e.g. on one 8-GPU host
     for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python bench/train_throughput.py \\
         --coordinator_address localhost:1234 --num_processes 8 --process_id $i & done; wait
-(or `srun python bench/train_throughput.py --distributed=auto` under Slurm). --batch is per device,
-so the global batch grows with the device count; compare tokens/s per device with the 1-GPU run.
+(or `srun python bench/train_throughput.py --distributed=auto` under Slurm), or one process that
+sees all the GPUs. The mesh: --fsdp N (-1 or no value: all devices not taken by the other axes),
+--context N (each sequence split over N devices), --tensor N; the devices left over are data
+parallel. --batch is sequences per data-parallel shard (data x fsdp), so the global batch grows with
+those axes; compare tokens/s per device with the 1-GPU run.
+
+Collectives overlap computation through the XLA flags of gdn_jax/xla_flags.py, set here as in
+train.py; --no_overlap_flags leaves them out (the step as before they existed). --grad_reduce_dtype
+bfloat16 reduces gradients in bf16. --collectives prints the compiled step's collectives (count and
+bytes per kind and dtype). --profile DIR traces 3 more steps and prints GPU time per op group and the
+exposed communication: collective kernel time during which no compute kernel ran
+(bench/profile_summary.py).
 
 Batches are random tokens (one document per row) already on the devices, so only the step is
 timed. MFU = tokens/s x 6N / (devices x peak), N = parameter count, peak = 989 TFLOP/s bf16 dense
@@ -38,7 +48,15 @@ def main():
     p.add_argument("--remat", default=None, help="none | full | dots | dots_no_batch")
     p.add_argument("--gdn_impl", default=None, help="scan | chunk | pallas | auto")
     p.add_argument("--microbatches", type=int, default=1)
-    p.add_argument("--fsdp", action="store_true", help="shard params over all devices (else DP)")
+    p.add_argument("--fsdp", type=int, nargs="?", const=-1, default=1,
+                   help="fsdp axis size (no value or -1: the devices the other axes leave)")
+    p.add_argument("--context", type=int, default=1, help="context axis size (splits T)")
+    p.add_argument("--tensor", type=int, default=1, help="tensor axis size")
+    p.add_argument("--grad_reduce_dtype", default=None, help="float32 | bfloat16")
+    p.add_argument("--no_overlap_flags", action="store_true",
+                   help="leave out gdn_jax/xla_flags.py's collective-overlap flags")
+    p.add_argument("--collectives", action="store_true",
+                   help="print the compiled step's collectives (count, bytes)")
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides, as in train.py")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, trace 3 more steps into DIR and print GPU time per op group")
@@ -48,9 +66,11 @@ def main():
     p.add_argument("--process_id", type=int, default=None)
     args = p.parse_args()
 
-    from gdn_jax.xla_flags import single_threaded_eigen_on_cpu
+    from gdn_jax.xla_flags import overlap_collectives, single_threaded_eigen_on_cpu
 
     single_threaded_eigen_on_cpu()
+    if not args.no_overlap_flags:
+        overlap_collectives()
     from gdn_jax.train import mesh as mesh_lib
 
     mode = args.distributed or ("manual" if args.coordinator_address else "off")
@@ -66,21 +86,25 @@ def main():
     from gdn_jax.train import step as step_lib
 
     n_dev = jax.device_count()
-    G = args.batch * n_dev
-    overrides = [
+    mesh_overrides = [f"mesh.data={1 if args.fsdp == -1 else -1}", f"mesh.fsdp={args.fsdp}",
+                      f"mesh.context={args.context}", f"mesh.tensor={args.tensor}"]
+    base = experiment.apply_overrides(experiment.get_config(args.config), mesh_overrides)
+    shape = dict(zip(mesh_lib.MESH_AXES, mesh_lib.mesh_shape(base.mesh, n_dev)))
+    G = args.batch * shape["data"] * shape["fsdp"]
+    overrides = mesh_overrides + [
         f"model.dtype={args.dtype}",
         f"data.seq_len={args.seq}",
         f"train.global_batch={G}",
         f"train.microbatches={args.microbatches}",
-        "mesh.data=1" if args.fsdp else "mesh.data=-1",
-        "mesh.fsdp=-1" if args.fsdp else "mesh.fsdp=1",
-        "mesh.tensor=1",
     ]
     if args.remat:
         overrides.append(f"model.remat={args.remat}")
     if args.gdn_impl:
         overrides.append(f"model.gdn_impl={args.gdn_impl}")
+    if args.grad_reduce_dtype:
+        overrides.append(f"train.grad_reduce_dtype={args.grad_reduce_dtype}")
     cfg = experiment.apply_overrides(experiment.get_config(args.config), overrides + args.set)
+    mesh_lib.check_config(cfg, n_dev)
     mesh = mesh_lib.make_mesh(cfg.mesh)
     trainer = step_lib.build(cfg, mesh)
     state, rest = trainer.init_fn(), trainer.rest_fn()
@@ -97,6 +121,12 @@ def main():
         "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), shape).copy(),
     }
     batch = mesh_lib.global_batch_array(local, mesh, G)
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import profile_summary
+
+    if args.collectives and jax.process_index() == 0:
+        text = trainer.lower_fn(state, rest, batch).compile().as_text()
+        print(profile_summary.collectives_table(profile_summary.hlo_collectives(text)))
 
     times = []
     for i in range(args.warmup + args.steps):
@@ -114,7 +144,8 @@ def main():
         print(
             f"config {cfg.name} | {n / 1e6:,.1f}M params | {n_dev} x {jax.devices()[0].device_kind} | "
             f"mesh {dict(mesh.shape)} | batch {G} x {args.seq} | dtype {cfg.model.dtype} | "
-            f"remat {cfg.model.remat} | gdn_impl {cfg.model.gdn_impl}"
+            f"remat {cfg.model.remat} | gdn_impl {cfg.model.gdn_impl} | grads reduced in "
+            f"{cfg.train.grad_reduce_dtype} | overlap flags {'off' if args.no_overlap_flags else 'on'}"
         )
         print(
             f"{'step time (median)':<24}{dt * 1e3:10.1f} ms   (min {min(times) * 1e3:.1f}, "
@@ -130,20 +161,19 @@ def main():
         else:
             print(f"{'MFU':<24}{'n/a':>10}   (no peak FLOP/s for {jax.devices()[0].device_kind})")
         if "peak_bytes_in_use" in stats:
-            print(f"{'peak memory':<24}{stats['peak_bytes_in_use'] / 2**30:10.2f} GiB (device 0)")
+            limit = stats.get("bytes_limit", 0) / 2**30
+            print(f"{'peak memory':<24}{stats['peak_bytes_in_use'] / 2**30:10.2f} GiB (device 0, "
+                  f"of {limit:.2f} GiB)")
         else:
             print(f"{'peak memory':<24}{'n/a':>10}")
         print(f"{'last loss':<24}{loss:10.4f}")
     if args.profile:
-        sys.path.insert(0, os.path.join(ROOT, "bench"))
-        from profile_summary import summarize
-
         with jax.profiler.trace(args.profile):
             for _ in range(3):
                 state, m = trainer.step_fn(state, rest, batch)
             jax.block_until_ready(m["loss"])
         if jax.process_index() == 0:
-            print(summarize(args.profile, steps=3))
+            print(profile_summary.summarize(args.profile, steps=3, step_ms=dt * 1e3))
 
 
 if __name__ == "__main__":

@@ -79,6 +79,36 @@ def test_process_shards_equal_global_batch():
             np.testing.assert_array_equal(f[k], np.concatenate([a[k], b[k]]))
 
 
+def test_global_position_resumes_on_another_process_split():
+    # Saved by 2 processes (rows 0-1 and 2-5), resumed by 3 (rows 0-1, 2-3, 4-5) and by 1.
+    rng = np.random.default_rng(1)
+    docs = _docs_dataset([list(rng.integers(0, 50, size=rng.integers(1, 30))) for _ in range(40)])
+    make = lambda rows: iter(pipeline.PackedRows(docs, rows=rows, num_streams=6, seq_len=8))
+    saved = [make(range(0, 2)), make(range(2, 6))]
+    for it in saved:
+        for _ in range(3):
+            next(it)
+    merged = pipeline.merge_states([it.get_state() for it in reversed(saved)])
+    assert merged["rows"] == list(range(6)) and merged["global_batch"] == 6
+    want = [{k: np.concatenate([b[k] for b in bs]) for k in bs[0]}
+            for bs in zip(*[[next(it) for _ in range(2)] for it in saved])]
+    for split in ([range(0, 2), range(2, 4), range(4, 6)], [range(6)]):
+        resumed = [make(rows) for rows in split]
+        for it in resumed:
+            it.set_state(merged)
+        got = [{k: np.concatenate([b[k] for b in bs]) for k in bs[0]}
+               for bs in zip(*[[next(it) for _ in range(2)] for it in resumed])]
+        for a, b in zip(want, got):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+    # document_ids: row r reads documents r, r + 6, ... of the shuffled order.
+    assert set(np.unique(want[0]["document_ids"][1])) <= set(range(1, 40, 6))
+    with pytest.raises(ValueError, match="saved with train.global_batch=6, this run has 3"):
+        iter(pipeline.PackedRows(docs, rows=range(3), num_streams=3, seq_len=8)).set_state(merged)
+    with pytest.raises(ValueError, match="no position for rows"):
+        make(range(6)).set_state(saved[1].get_state())
+
+
 def test_prefetched_iterator_state_resumes():
     cfg = DataConfig(seq_len=32, prefetch=3)
     it = iter(pipeline.make_dataset(cfg, global_batch=2, rows=range(2)))

@@ -57,6 +57,7 @@ class StepSpec:
     param_specs: Any  # per param: PartitionSpec over the per-device axes (fsdp only)
     fsdp_dims: Any  # per param: the dimension sharded over fsdp, or -1
     batch_spec: Any  # PartitionSpec of the [G, T] batch arrays
+    manual_axes: tuple[str, ...] = mesh_lib.STEP_AXES  # the mesh axes device_gradients runs over
     grad_reduce_dtype: Any = jnp.float32  # dtype gradients cross devices in
 
 
@@ -126,7 +127,7 @@ def train_step(state, rest, batch, *, spec: StepSpec):
         functools.partial(device_gradients, spec=spec),
         in_specs=(spec.param_specs, P(), spec.batch_spec),
         out_specs=(P(), P(), spec.param_specs),
-        axis_names=set(mesh_lib.STEP_AXES),
+        axis_names=set(spec.manual_axes),
         # The Pallas kernels' output shapes carry no varying-axis types, which the check needs;
         # every cross-device sum here is explicit.
         check_vma=False,
@@ -166,6 +167,7 @@ class Trainer:
     init_fn: Callable[[], Any]  # () -> state, sharded by state_shardings
     rest_fn: Callable[[], Any]  # () -> the model's non-Param variables
     step_fn: Callable[[Any, Any, dict], tuple[Any, dict]]  # train_step, jitted, under the mesh
+    lower_fn: Callable[[Any, Any, dict], Any]  # the same arguments -> jax's Lowered step (HLO)
 
 
 def _split(model):
@@ -236,6 +238,9 @@ def build(cfg: ExperimentConfig, mesh, model_factory=default_model_factory) -> T
             p_shardings, fsdp_dims),
         fsdp_dims=fsdp_dims,
         batch_spec=batch_spec.spec,
+        # Per device over every axis where tensor parallelism is off: XLA then sees no automatic
+        # axis in the step's collectives (XLA:CPU cannot compile a bf16 reduction that has one).
+        manual_axes=mesh_lib.STEP_AXES + (("tensor",) if mesh.shape["tensor"] == 1 else ()),
         grad_reduce_dtype=jnp.dtype(cfg.train.grad_reduce_dtype),
     )
     jitted = jax.jit(
@@ -248,6 +253,10 @@ def build(cfg: ExperimentConfig, mesh, model_factory=default_model_factory) -> T
     def step_fn(state, rest, batch):
         with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
             return jitted(state, rest, batch)
+
+    def lower_fn(state, rest, batch):
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+            return jitted.lower(state, rest, batch)
 
     def with_mesh(fn):
         def wrapped():
@@ -268,4 +277,5 @@ def build(cfg: ExperimentConfig, mesh, model_factory=default_model_factory) -> T
         init_fn=with_mesh(jax.jit(init, out_shardings=state_shardings)),
         rest_fn=with_mesh(jax.jit(init_rest, out_shardings=rest_shardings)),
         step_fn=step_fn,
+        lower_fn=lower_fn,
     )
