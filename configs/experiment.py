@@ -58,8 +58,14 @@ class TrainConfig:
     clip_norm: float = 1.0  # clip_by_global_norm threshold (0 disables)
     seed: int = 0  # parameter-init seed
     grad_reduce_dtype: str = "float32"  # dtype gradients cross devices in: "float32" | "bfloat16"
+    loss: str = "fused"  # LM loss (gdn_jax.losses.LM_LOSSES): "fused" (head chunked over tokens) | "plain"
+    loss_chunk_tokens: int = 4096  # tokens per chunk of the fused loss's [chunk, vocab] logits
 
     def __post_init__(self):
+        if self.loss not in ("fused", "plain"):
+            raise ValueError(f"train.loss must be 'fused' or 'plain', got {self.loss!r}")
+        if self.loss_chunk_tokens < 1:
+            raise ValueError(f"train.loss_chunk_tokens must be >= 1, got {self.loss_chunk_tokens}")
         if self.grad_reduce_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"train.grad_reduce_dtype must be float32 or bfloat16, got "
                              f"{self.grad_reduce_dtype!r}")

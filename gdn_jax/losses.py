@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def reference_cross_entropy_sum(h_NxD, W_DxV, targets_N, weights_N, *, compute_dtype=jnp.float32):
@@ -99,3 +100,36 @@ def fused_cross_entropy_sum(h_NxD, W_DxV, targets_N, weights_N, *, chunk_tokens=
         targets_N = jnp.pad(targets_N, (0, pad))
         weights_N = jnp.pad(weights_N, (0, pad))
     return _fused(h_NxD, W_DxV, targets_N, weights_N.astype(jnp.float32), chunk, jnp.dtype(compute_dtype))
+
+
+# ------------------------------------------------------------------ the LM losses the train step runs
+
+
+def plain_lm_loss_sum(model, tokens_BxT, targets_BxT, mask_BxT, model_kwargs, *, chunk_tokens):
+    """sum of masked token cross-entropies from the model's whole float32 [B, T, V] logits."""
+    del chunk_tokens
+    logits_BxTxV = model(tokens_BxT, **model_kwargs).astype(jnp.float32)
+    ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+    return jnp.sum(ce_BxT * mask_BxT)
+
+
+def fused_lm_loss_sum(model, tokens_BxT, targets_BxT, mask_BxT, model_kwargs, *, chunk_tokens):
+    """The same sum through `fused_cross_entropy_sum` on model.features and model.head_weight():
+    logits exist chunk_tokens rows at a time, in float32, with matmuls in the model's dtype."""
+    h_BxTxD = model.features(tokens_BxT, **model_kwargs)
+    D = h_BxTxD.shape[-1]
+    return fused_cross_entropy_sum(h_BxTxD.reshape(-1, D), model.head_weight(),
+                                   targets_BxT.reshape(-1), mask_BxT.reshape(-1),
+                                   chunk_tokens=chunk_tokens, compute_dtype=model.dtype)
+
+
+# train.loss names one of these (configs/experiment.py validates the name; the step looks it up).
+LM_LOSSES = {"plain": plain_lm_loss_sum, "fused": fused_lm_loss_sum}
+
+
+def check_model_supports(loss: str, model) -> None:
+    """ValueError naming train.loss when `model` lacks what the loss needs."""
+    if loss == "fused" and not (hasattr(model, "features") and hasattr(model, "head_weight")):
+        raise ValueError(f"train.loss='fused' needs a model with features() and head_weight() (as "
+                         f"gdn_jax.model.LM has); {type(model).__name__} has not: use "
+                         "train.loss='plain'")

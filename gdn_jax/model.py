@@ -97,16 +97,28 @@ class LM(nnx.Module):
     def _embed(self, tokens):
         return jnp.take(self.embedding[...], tokens, axis=0).astype(jnp.float32)
 
-    def _logits(self, h):
-        x = self.final_norm(h)
+    def head_weight(self) -> jax.Array:
+        """The LM head as a [D, V] matrix in the compute dtype (the embedding's transpose when
+        tied): logits = features @ head_weight()."""
         if self.lm_head is None:
             table = self.embedding if self.tied_head is None else self.tied_head
-            w = table[...].astype(self.dtype)
-            return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
-        w = self.lm_head[...].astype(self.dtype)
-        return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+            return table[...].astype(self.dtype).T
+        return self.lm_head[...].astype(self.dtype)
+
+    def _logits(self, h):
+        x = self.final_norm(h)
+        return jnp.einsum("...d,dv->...v", x, self.head_weight(), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        return self._logits(self._trunk(tokens_BxT, segment_ids))
+
+    def features(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """The final-normed hidden states [B, T, D] the head reads: `model(tokens)` equals
+        `features(tokens) @ head_weight()` in float32. The fused LM loss (gdn_jax/losses.py) starts
+        here, so the [B, T, V] logits never exist whole."""
+        return self.final_norm(self._trunk(tokens_BxT, segment_ids))
+
+    def _trunk(self, tokens_BxT, segment_ids):
         B, T = tokens_BxT.shape
         # Per device over the context axis (the train step) a document's count carries over.
         positions = context_parallel.continue_positions(
@@ -118,7 +130,7 @@ class LM(nnx.Module):
             block_fn = nnx.remat(_block_forward, policy=_REMAT_POLICIES[self.cfg.remat])
         for block in self.blocks:
             h = block_fn(block, h, segment_ids, positions)
-        return self._logits(h)
+        return h
 
     def prefill(self, tokens_BxT: jax.Array, segment_ids=None, *, cache_len: int,
                 last_only: bool = False):

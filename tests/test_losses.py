@@ -51,3 +51,53 @@ def test_rejects_a_bad_chunk():
     h, W, y, w = _inputs(2)
     with pytest.raises(ValueError, match="chunk_tokens"):
         fused_cross_entropy_sum(h, W, y, w, chunk_tokens=0)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_lm_losses_agree_on_a_model_in_value_and_parameter_gradients(tie):
+    # The train step's two losses on the tiny LM (tied and untied head), masked tokens, ragged
+    # chunks: the same sum and the same gradient for every parameter.
+    import dataclasses
+
+    from flax import nnx
+
+    from configs.model import get_model_config
+    from gdn_jax.losses import LM_LOSSES
+    from gdn_jax.model import LM
+
+    cfg = dataclasses.replace(get_model_config("tiny"), tie_embeddings=tie, dtype="float32")
+    model = LM(cfg, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 24)), jnp.int32)
+    targets = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 24)), jnp.int32)
+    mask = jnp.asarray(rng.random((2, 24)) < 0.7, jnp.float32)
+    np.testing.assert_allclose(
+        model.features(tokens) @ model.head_weight(), model(tokens), rtol=1e-5, atol=1e-5)
+    graphdef, params = nnx.split(model)
+
+    def total(params, name):
+        m = nnx.merge(graphdef, params)
+        return LM_LOSSES[name](m, tokens, targets, mask, {}, chunk_tokens=10)
+
+    (v_plain, g_plain), (v_fused, g_fused) = (
+        jax.value_and_grad(total)(params, name) for name in ("plain", "fused"))
+    np.testing.assert_allclose(v_fused, v_plain, rtol=1e-5)
+    flat_p, flat_f = jax.tree.leaves(g_plain), jax.tree.leaves(g_fused)
+    assert len(flat_p) == len(flat_f) > 4
+    for a, b in zip(flat_f, flat_p):
+        assert _rel(a, b) < 1e-4, _rel(a, b)
+
+
+def test_fused_lm_loss_names_the_option_for_a_model_without_features():
+    from gdn_jax.losses import check_model_supports
+
+    class Bare:
+        pass
+
+    with pytest.raises(ValueError, match="train.loss='fused'.*Bare"):
+        check_model_supports("fused", Bare())
+    check_model_supports("plain", Bare())
+    from configs import experiment
+
+    with pytest.raises(ValueError, match="train.loss must be"):
+        experiment.apply_overrides(experiment.get_config("tiny"), ["train.loss=chunked"])

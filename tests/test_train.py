@@ -92,6 +92,9 @@ _SHARDED = textwrap.dedent("""
       return losses, jax.device_get(state["params"]), specs, trainer
 
     l1, p1, _, _ = run(mesh((1, 1, 1, 1)))
+    # The fused, chunked LM loss (the default) against the plain one.
+    lp, _, _, _ = run(mesh((1, 1, 1, 1)), "train.loss=plain")
+    np.testing.assert_allclose(lp, l1, rtol=1e-5, atol=1e-5)
     # (data, fsdp, context, tensor): 2 x 2 x 1 x 2 with 2 microbatches; FSDP over 4 devices with
     # each row's tokens split over 2 more (a document's positions continue across the split).
     for shape, micro in (((2, 2, 1, 2), 2), ((1, 4, 2, 1), 1)):

@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.experiment import ExperimentConfig
+from gdn_jax import losses
 from gdn_jax.train import mesh as mesh_lib
 from gdn_jax.train import optimizer as optimizer_lib
 
@@ -59,16 +60,19 @@ class StepSpec:
     batch_spec: Any  # PartitionSpec of the [G, T] batch arrays
     manual_axes: tuple[str, ...] = mesh_lib.STEP_AXES  # the mesh axes device_gradients runs over
     grad_reduce_dtype: Any = jnp.float32  # dtype gradients cross devices in
+    loss: str = "plain"  # key of gdn_jax.losses.LM_LOSSES
+    loss_chunk_tokens: int = 4096  # the fused loss's tokens per logits chunk
 
 
 def loss_sum(params, rest, batch, spec: StepSpec):
-    """(sum of masked token cross-entropies, number of masked tokens) of the batch."""
+    """(sum of masked token cross-entropies, number of masked tokens) of the batch, by the loss
+    spec.loss names in losses.LM_LOSSES."""
     model = nnx.merge(spec.graphdef, params, rest)
     kwargs = {k: batch[k] for k in spec.model_kwargs}
-    logits_BxTxV = model(batch["tokens"], **kwargs).astype(jnp.float32)
-    ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
     mask_BxT = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(ce_BxT * mask_BxT), jnp.sum(mask_BxT)
+    total = losses.LM_LOSSES[spec.loss](model, batch["tokens"], batch["targets"], mask_BxT, kwargs,
+                                        chunk_tokens=spec.loss_chunk_tokens)
+    return total, jnp.sum(mask_BxT)
 
 
 def _gather(p, dim):
@@ -206,6 +210,7 @@ def build(cfg: ExperimentConfig, mesh, model_factory=default_model_factory) -> T
             return model_factory(model_cfg, nnx.Rngs(cfg.train.seed))
 
     abstract_model = nnx.eval_shape(make_model)
+    losses.check_model_supports(cfg.train.loss, abstract_model)
     graphdef, abstract_params, abstract_rest = _split(abstract_model)
     p_shardings = mesh_lib.param_shardings(abstract_params, mesh)
     replicated = NamedSharding(mesh, P())
@@ -242,6 +247,8 @@ def build(cfg: ExperimentConfig, mesh, model_factory=default_model_factory) -> T
         # axis in the step's collectives (XLA:CPU cannot compile a bf16 reduction that has one).
         manual_axes=mesh_lib.STEP_AXES + (("tensor",) if mesh.shape["tensor"] == 1 else ()),
         grad_reduce_dtype=jnp.dtype(cfg.train.grad_reduce_dtype),
+        loss=cfg.train.loss,
+        loss_chunk_tokens=cfg.train.loss_chunk_tokens,
     )
     jitted = jax.jit(
         functools.partial(train_step, spec=spec),
