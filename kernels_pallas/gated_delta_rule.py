@@ -213,12 +213,17 @@ def default_segments(*, B, HV, N, K, V, block_v) -> int:
 
 def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps="triton",
                 block_v=None, inner_block_v=None, block_k=64, num_warps=4, num_stages=1, sweep_warps=4,
-                sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=1, key_grads="triton",
+                sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=None, key_grads="triton",
                 segments=None, interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here to powers of two), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
     if sweeps not in SWEEPS:
         raise ValueError(f"sweeps must be one of {tuple(SWEEPS)}, got {sweeps!r}")
+    if mosaic_warpgroups is None:
+        # H200, 2026-12-03 (docs/benchmarks.md): the warp-specialised forward sweep took the
+        # forward from 0.549 to 0.450 ms at (4, 4096, 16, 128, 128) and 0.519 to 0.421 ms at the
+        # GVA shape; it fits shared memory up to K = 128.
+        mosaic_warpgroups = 2 if sweeps == "mosaic" and padded_head_dims(K, V)[0] <= 128 else 1
     if mosaic_warpgroups not in (1, 2):
         raise ValueError(f"mosaic_warpgroups must be 1 or 2, got {mosaic_warpgroups!r}")
     if key_grads not in KEY_GRADS:
@@ -277,7 +282,7 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         on Mosaic), warps and software-pipelining depth (default sweep_stages: 2, or 1 where 2 would
         not fit shared memory); mosaic_stages: chunks in flight in the Mosaic sweeps' TMA pipeline;
         mosaic_warpgroups: 2 runs the Mosaic forward sweep warp-specialised (a state group, an output
-        group and a memory group) instead of in one warpgroup;
+        group and a memory group) instead of in one warpgroup (default 2 where K <= 128, else 1);
       key_grads: "triton" or "mosaic", the kernel that forms dq and dk (KEY_GRADS);
       inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop
         (default 128 at K <= 128, 64 above), key tile (of the key-tiled gradient kernel), warps and

@@ -1,9 +1,12 @@
 """train.py's command line, recording the global id (document, position) of every input token each
-process feeds, one JSON line per step, to $AUDIT_DIR/process_<i>-of-<n>.<pid>.jsonl."""
+process feeds, one JSON line per step, to $AUDIT_DIR/process_<i>-of-<n>.<pid>.jsonl. With
+$AUDIT_SLOW_FROM=N it also sleeps a second before each step from N on, so a test can kill the run
+at a known point (after a checkpoint's commit) however fast the machine trains."""
 
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -24,9 +27,13 @@ def runs(documents, positions):
 
 def main():
     files = {}
+    slow_from = int(os.environ.get("AUDIT_SLOW_FROM", "0")) or None
 
     def record(step, batch):
         import jax
+
+        if slow_from is not None and step >= slow_from:
+            time.sleep(1.0)
 
         key = (jax.process_index(), jax.process_count())
         if key not in files:

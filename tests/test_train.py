@@ -227,7 +227,13 @@ def test_kill9_resume_matches_uninterrupted_run_and_loss_falls(tmp_path):
     assert ref[steps]["loss"] < ref[1]["loss"] - 1.5, (ref[1]["loss"], ref[steps]["loss"])
 
     cmd = _train_cmd(tmp_path / "run", steps, *extra)
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The audited command trains the same, but a second per step from step 12 on, so the kill
+    # lands after checkpoint 10's commit and well before the end on any machine.
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    proc = subprocess.Popen([sys.executable, AUDITED, *cmd[2:]],
+                            env=_env(AUDIT_DIR=str(audit), AUDIT_SLOW_FROM="12"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = tmp_path / "run" / "checkpoints" / "10" / "commit_success.txt"
     deadline = time.time() + 180
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
