@@ -97,7 +97,7 @@ class GdnJaxLM(LM):
         self.rolling_window = (None if rolling_window is None
                                else _positive_int("rolling_window", rolling_window))
         self.dtype = dtype or run.cfg.model.dtype
-        model = for_inference(run.model, dtype=self.dtype)  # weights cast once, logits unchanged
+        model = for_inference(run.model, dtype=self.dtype)  # weights cast once, projections fused
         self.encoder = Encoder(run.tokenizer, add_bos=run.cfg.data.add_bos)
         self.scorer = Scorer(model, batch_size=self.batch_size, max_length=self.max_length)
         self.generator = Generator(model, self.encoder, batch_size=self.batch_size, seed=int(seed))
