@@ -166,23 +166,24 @@ def _make_tokenizer(vocab_size: int, path: str) -> dict:
 
 
 def _redraw(model, generator):
-    """Every parameter redrawn so that each one matters to the logits (see the module docstring)."""
+    """Every parameter redrawn so that each one matters to the logits (see the module docstring),
+    drawn on the generator's device (the model must live there too)."""
     import torch
 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("A_log"):
-                p.copy_(torch.log(torch.rand(p.shape, generator=generator) * 8 + 0.5))
+                p.copy_(torch.log(torch.rand(p.shape, generator=generator, device=generator.device) * 8 + 0.5))
             elif name.endswith("dt_bias"):
-                p.add_(0.5 * torch.randn(p.shape, generator=generator))
+                p.add_(0.5 * torch.randn(p.shape, generator=generator, device=generator.device))
             elif "conv1d" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=generator))
+                p.copy_(0.5 * torch.randn(p.shape, generator=generator, device=generator.device))
             elif p.ndim == 1:  # norm scales
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator, device=generator.device))
             elif "embeddings" in name:
-                p.copy_(torch.randn(p.shape, generator=generator))
+                p.copy_(torch.randn(p.shape, generator=generator, device=generator.device))
             else:  # nn.Linear [out, in]
-                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(p.shape[1]))
+                p.copy_(torch.randn(p.shape, generator=generator, device=generator.device) / math.sqrt(p.shape[1]))
 
 
 def _logits(model, tokens, *, chunk: bool):
