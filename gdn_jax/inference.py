@@ -19,10 +19,11 @@ Options:
                    cfg.dtype = float32; any dtype other than cfg.dtype rebuilds the same way);
   fuse=True        (default) projections that read the same input become one matmul (GDN: q, k, v, beta,
                    decay and output gate; attention: q, k, v; MLP: gate and up; Mamba2 already has
-                   one), and GDN decodes with `decode_recurrence`, which reads the state once for
-                   both of its products. Same math; float rounding may differ in the last bits.
-                   On an H200 (fla_gdn_1.3b, bf16, B = 1) it took a decode step from 39.4 ms to
-                   2.33 ms (docs/benchmarks.md); fuse=False keeps the trained module's layout.
+                   one). Same math; float rounding may differ in the last bits. On an H200
+                   (fla_gdn_1.3b, bf16, B = 1) fusing, together with the one-read recurrence
+                   (gdn_jax.ops.decode_recurrence, which every decode step now uses), took a decode
+                   step from 39.4 ms to 2.33 ms (docs/benchmarks.md); fuse=False keeps the trained
+                   module's layout.
 """
 
 from __future__ import annotations

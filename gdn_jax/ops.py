@@ -22,8 +22,10 @@ import jax.numpy as jnp
 
 from gdn_jax import impls, reference
 from gdn_jax.impls import IMPLS
+from gdn_jax.reference import repeat_heads
 
 CHUNK_SIZES = (16, 32, 64)
+_HIGHEST = jax.lax.Precision.HIGHEST
 _INPUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
@@ -164,10 +166,35 @@ def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, *, scale=None):
         state = jnp.zeros((B, HV, K, V), jnp.float32)
     _check_float("state", state, (jnp.float32,))
     _check_shape("state", state, (B, HV, K, V), "[B, HV, K, V]")
-    scale = _resolve_scale(scale, K)
+    return decode_recurrence(q_t, k_t, v_t, g_t, beta_t, state, scale=_resolve_scale(scale, K))
+
+
+def decode_recurrence(q_t, k_t, v_t, g_t, beta_t, state, *, scale=None):
+    """One token of the gated delta rule, reading the state once for both of its products.
+
+    With a = exp(g), q' = scale q, and kS = S^T k, qS = S^T q' taken together from the old state:
+        S' = a (S - beta k kS^T) + beta k v^T
+        o  = S'^T q' = a (qS - beta (k.q') kS) + beta (k.q') v
+    so o needs no second pass over S' (forming S' and then reading it
+    again, as reference.recurrent_step does, moves a third more bytes).
+    `gated_delta_rule_step`'s arithmetic, without its argument checks (the decode loop's layers call
+    it directly):
+    q_t, k_t [B, H, K]; v_t [B, HV, V]; g_t, beta_t [B, HV]; state [B, HV, K, V] float32.
+    Returns (o_t [B, HV, V] in v_t's dtype, new state [B, HV, K, V] float32).
+    """
     f32 = jnp.float32
-    q = reference.repeat_heads(q_t.astype(f32), HV) * scale
-    k = reference.repeat_heads(k_t.astype(f32), HV)
-    o, new_state = reference.recurrent_step(state, q, k, v_t.astype(f32), g_t.astype(f32),
-                                            beta_t.astype(f32))
+    HV, K = v_t.shape[1], q_t.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    q_BxHxK = repeat_heads(q_t.astype(f32), HV) * scale
+    k_BxHxK = repeat_heads(k_t.astype(f32), HV)
+    v_BxHxV = v_t.astype(f32)
+    a_BxH, beta_BxH = jnp.exp(g_t.astype(f32)), beta_t.astype(f32)
+    kqS_2xBxHxV = jnp.einsum("bhnk,bhkv->nbhv", jnp.stack([k_BxHxK, q_BxHxK], axis=2), state,
+                             precision=_HIGHEST)
+    kS_BxHxV, qS_BxHxV = kqS_2xBxHxV[0], kqS_2xBxHxV[1]
+    a, beta, k_col = a_BxH[..., None, None], beta_BxH[..., None, None], k_BxHxK[..., None]
+    new_state = (a * (state - beta * k_col * kS_BxHxV[..., None, :])
+                 + beta * k_col * v_BxHxV[..., None, :])
+    bkq_BxHx1 = (beta_BxH * jnp.sum(k_BxHxK * q_BxHxK, axis=-1))[..., None]
+    o = a_BxH[..., None] * (qS_BxHxV - bkq_BxHx1 * kS_BxHxV) + bkq_BxHx1 * v_BxHxV
     return o.astype(v_t.dtype), new_state

@@ -10,8 +10,9 @@ For input x [B, T, d]:
 Init as in FLA: normal(0.02) projections and convs, A ~ U(0, 16), dt ~ logU(1e-3, 0.1) with
 dt_bias = softplus^{-1}(dt).
 
-Inference copies (gdn_jax/inference.py, fuse=True) compute the six input projections as one matmul
-and decode with `decode_recurrence`, which reads the state once for both of its products.
+Inference copies (gdn_jax/inference.py, fuse=True) compute the six input projections as one matmul.
+Decoding steps through `gdn_jax.ops.decode_recurrence`, which reads the state once for both of its
+products.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from gdn_jax import context_parallel
 from gdn_jax.layers.conv import ShortConv
 from gdn_jax.layers.mlp import FusedLinear, linear
 from gdn_jax.layers.norms import GatedRMSNorm, small_param
-from gdn_jax.ops import gated_delta_rule, gated_delta_rule_step
+from gdn_jax.ops import decode_recurrence, gated_delta_rule
 from gdn_jax.reference import repeat_heads
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -48,35 +49,6 @@ def init_decay_params(key: jax.Array, num_heads: int, a_min: float = 0.0, a_max:
     dt = jnp.maximum(dt, 1e-4)
     inv_softplus_dt = dt + jnp.log(-jnp.expm1(-dt))
     return jnp.log(A), inv_softplus_dt
-
-
-def decode_recurrence(q_t, k_t, v_t, g_t, beta_t, state, *, scale=None):
-    """One token of the gated delta rule, reading the state once for both of its products.
-
-    With a = exp(g), q' = scale q, and kS = S^T k, qS = S^T q' taken together from the old state:
-        S' = a (S - beta k kS^T) + beta k v^T
-        o  = S'^T q' = a (qS - beta (k.q') kS) + beta (k.q') v
-    so o needs no second pass over S' (gated_delta_rule_step forms S' and then reads it again).
-    Same contract as gdn_jax.ops.gated_delta_rule_step, without its argument checks:
-    q_t, k_t [B, H, K]; v_t [B, HV, V]; g_t, beta_t [B, HV]; state [B, HV, K, V] float32.
-    Returns (o_t [B, HV, V] in v_t's dtype, new state [B, HV, K, V] float32).
-    """
-    f32 = jnp.float32
-    HV, K = v_t.shape[1], q_t.shape[-1]
-    scale = K ** -0.5 if scale is None else scale
-    q_BxHxK = repeat_heads(q_t.astype(f32), HV) * scale
-    k_BxHxK = repeat_heads(k_t.astype(f32), HV)
-    v_BxHxV = v_t.astype(f32)
-    a_BxH, beta_BxH = jnp.exp(g_t.astype(f32)), beta_t.astype(f32)
-    kqS_2xBxHxV = jnp.einsum("bhnk,bhkv->nbhv", jnp.stack([k_BxHxK, q_BxHxK], axis=2), state,
-                             precision=_HIGHEST)
-    kS_BxHxV, qS_BxHxV = kqS_2xBxHxV[0], kqS_2xBxHxV[1]
-    a, beta, k_col = a_BxH[..., None, None], beta_BxH[..., None, None], k_BxHxK[..., None]
-    new_state = (a * (state - beta * k_col * kS_BxHxV[..., None, :])
-                 + beta * k_col * v_BxHxV[..., None, :])
-    bkq_BxHx1 = (beta_BxH * jnp.sum(k_BxHxK * q_BxHxK, axis=-1))[..., None]
-    o = a_BxH[..., None] * (qS_BxHxV - bkq_BxHx1 * kS_BxHxV) + bkq_BxHx1 * v_BxHxV
-    return o.astype(v_t.dtype), new_state
 
 
 class GatedDeltaNet(nnx.Module):
@@ -109,7 +81,6 @@ class GatedDeltaNet(nnx.Module):
         self.o_norm = GatedRMSNorm(V, eps=cfg.norm_eps, norm_before_gate=True)
         self.o_proj = linear(HV * V, d, ("heads", "embed"), std=std, dtype=dt, rngs=rngs)
         self.in_proj = nnx.data(None)  # FusedLinear of the input projections, inference only
-        self.one_read_step = False  # decode with decode_recurrence (set with in_proj)
 
     def _input_projections(self) -> tuple[str, ...]:
         return ("q_proj", "k_proj", "v_proj", "b_proj") + (("a_proj",) if self.decay else ()) + (
@@ -122,7 +93,6 @@ class GatedDeltaNet(nnx.Module):
         self.in_proj = FusedLinear([getattr(self, n) for n in names])
         for n in names:
             setattr(self, n, None)
-        self.one_read_step = True
 
     def _project(self, x):
         """Pre-activation q, k, v, beta, a (None without decay) and output gate of x [..., d]."""
@@ -207,8 +177,7 @@ class GatedDeltaNet(nnx.Module):
         k = l2_normalize(k.reshape(B, self.num_heads, self.head_dim))
         v = v.reshape(B, self.num_v_heads, self.v_dim)
         g, beta = self._gates(b_raw, a_raw)
-        recurrence = decode_recurrence if self.one_read_step else gated_delta_rule_step
-        o, S = recurrence(q, k, v, g, beta, cache["state"])
+        o, S = decode_recurrence(q, k, v, g, beta, cache["state"])
         return self._output(o, gate_raw), dict(conv_q=cq, conv_k=ck, conv_v=cv, state=S)
 
 
