@@ -246,7 +246,8 @@ def parse_variants(text):
     """Comma list of BACKEND[-KNOBS]: BACKEND is triton or mosaic (the sweeps' lowering); KNOBS e.g.
     bv64x4y2ms2p4: the sweeps' value tile (bv), warps (x) and stages (y, Triton), Mosaic pipeline
     stages (ms) and warp specialisation of its forward sweep (wg2), context-parallel segments (p),
-    the Mosaic key-gradient kernel (mkg); the chunk-parallel kernels' inner value tile (bi),
+    the Mosaic key-gradient kernel (mkg) or the fused Mosaic pair + key kernel (fkg); the
+    chunk-parallel kernels' inner value tile (bi),
     key tile (k), warps (w) and stages (s). Left out: the op's defaults."""
     out = []
     for item in text.split(","):
@@ -254,6 +255,8 @@ def parse_variants(text):
         extra = {}
         if "mkg" in knobs:  # the Mosaic key-gradient kernel
             knobs, extra = knobs.replace("mkg", ""), {"key_grads": "mosaic"}
+        if "fkg" in knobs:  # the fused Mosaic pair + key gradient kernel
+            knobs, extra = knobs.replace("fkg", ""), {"key_grads": "fused"}
         if backend not in ("triton", "mosaic"):
             raise SystemExit(f"--variants: backend must be triton or mosaic, got {backend!r} in {item!r}")
         nums = dict(re.findall(r"([a-z]+)(\d+)", knobs))
@@ -299,6 +302,10 @@ def breakdown(shape, launch, iters):
         dvl = timed("local dvnew", lambda q, k, g, do: backward.local_dvnew(q, k, g, (), do, t, mmd), q, k, g, do)
         ds_out, dvn, _ = timed("reverse sweep", lambda q, k, w, g, do, dvl: backward.reverse_sweep(
             q, k, w, g, (), do, dvl, S0, t, mmd), q, k, w_, g, do, dvl)
+    if t.key_grads == "fused":
+        timed("pair + key grads (fused)", lambda *a: gdr.CHUNK_GRADS["fused"](
+            *a[:5], (), *a[5:], t, mmd), q, k, v, g, beta, T_, do, vn, dvn, s_in, ds_out)
+        return out
     tdvn, d_qk, Y, _, _ = timed("pair grads", lambda *a: backward.pair_grads(*a[:5], (), *a[5:], t, mmd),
                                 q, k, v, g, beta, T_, do, vn, dvn)
     timed("key grads", lambda q, k, g, b, *a: gdr.KEY_GRADS[t.key_grads](q, k, g, b, (), *a, t, mmd),
@@ -371,6 +378,7 @@ def main():
             row["flashqla"] = qla[name]
         rows.append(row)
     if args.out:
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
             json.dump(rows, f, indent=1, default=str)
     print_table(rows, [v[0] for v in variants])

@@ -23,7 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import backward, forward, mosaic_common, mosaic_grads, mosaic_sweeps
+from kernels_pallas import (backward, forward, mosaic_chunk_grads, mosaic_common, mosaic_grads,
+                            mosaic_sweeps)
 from kernels_pallas import context_parallel as cp
 from kernels_pallas.layout import Tiling
 
@@ -104,6 +105,24 @@ SWEEPS = {"triton": _TritonSweeps, "mosaic": _MosaicSweeps}
 KEY_GRADS = {"triton": backward.key_grads, "mosaic": mosaic_grads.key_grads}
 
 
+def _pair_then_keys(key_fn):
+    def run(q, k, v, g, beta, docs, T, do, vnew, dvnew, states_in, dstates_out, t, mm_dtype):
+        t_dvn, d_qk, Y, dG, dbeta = backward.pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, t,
+                                                        mm_dtype)
+        dq, dk, dG_keys, dbeta_keys = key_fn(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do,
+                                             vnew, t_dvn, t, mm_dtype)
+        return t_dvn, dq, dk, dG + dG_keys.sum(-1), dbeta + dbeta_keys.sum(-1)
+    return run
+
+
+# The backward's chunk-parallel half, by Tiling.key_grads: (T^T dVnew, dq, dk per value head, dG,
+# dbeta) from the sweeps' residuals. "triton" and "mosaic" run the Triton pair kernel and then that
+# key kernel; "fused" is one Mosaic program per chunk and value head for both (K, V <= 128).
+CHUNK_GRADS = {"triton": _pair_then_keys(backward.key_grads),
+               "mosaic": _pair_then_keys(mosaic_grads.key_grads),
+               "fused": mosaic_chunk_grads.chunk_grads}
+
+
 def document_masks(reset_BxT, N, C):
     """(doc, reach_in, reach_out), each [B, N, C]: document index, and whether the state entering the
     chunk survives to each position / whether each position's write survives to the chunk's end."""
@@ -167,13 +186,10 @@ def _chunked_bwd(t, res, cotangents):
     x = SWEEPS[t.sweeps].prepare(Chunks(q, k, v, g, beta, docs, None), t, T=T)
     states_in, vnew, dstates_out, dvnew, d_initial = _states_and_cotangents(
         x, initial_state, segments, do, dS_final, t)
-    t_dvn, d_qk, Y, dG, dbeta = backward.pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, t, mm_dtype)
-    dq, dk, dG_keys, dbeta_keys = KEY_GRADS[t.key_grads](q, k, g, beta, docs, d_qk, Y, states_in,
-                                                         dstates_out, do, vnew, t_dvn, t, mm_dtype)
+    t_dvn, dq, dk, dG, dbeta = CHUNK_GRADS[t.key_grads](q, k, v, g, beta, docs, T, do, vnew, dvnew,
+                                                        states_in, dstates_out, t, mm_dtype)
     dv = t_dvn.astype(jnp.float32) * beta[..., None]  # d(beta V) = T^T dVnew
-    dG = dG + dG_keys.sum(-1)
     dg = jnp.flip(jnp.cumsum(jnp.flip(dG, 2), 2), 2)  # g -> G is a cumsum within each chunk
-    dbeta = dbeta + dbeta_keys.sum(-1)
     if t.group > 1:  # value heads that share a q/k head add their gradients
         dq = dq.reshape(*dq.shape[:3], t.H, t.group, t.K).sum(4)
         dk = dk.reshape(*dk.shape[:3], t.H, t.group, t.K).sum(4)
@@ -232,8 +248,8 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                              and not interpret else 1)
     if mosaic_warpgroups not in (1, 2):
         raise ValueError(f"mosaic_warpgroups must be 1 or 2, got {mosaic_warpgroups!r}")
-    if key_grads not in KEY_GRADS:
-        raise ValueError(f"key_grads must be one of {tuple(KEY_GRADS)}, got {key_grads!r}")
+    if key_grads not in CHUNK_GRADS:
+        raise ValueError(f"key_grads must be one of {tuple(CHUNK_GRADS)}, got {key_grads!r}")
     Kp, Vp = padded_head_dims(K, V)
     N = T // chunk_size
     # Defaults measured on an H100 (docs/benchmarks.md, "Where the time goes").
@@ -265,12 +281,12 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
             reason = "Mosaic GPU's interpret mode (for running without a GPU) needs jax >= 0.12"
         if reason is not None:
             raise ValueError(f"the Mosaic GPU sweeps cannot run this call: {reason}")
-    if key_grads == "mosaic":
+    if key_grads in ("mosaic", "fused"):
         reason = mosaic_grads.unsupported_reason(C=t.C, K=t.K, V=t.V, dtype=dtype)
         if reason is None and t.interpret and not mosaic_common.interpret_supported():
             reason = "Mosaic GPU's interpret mode (for running without a GPU) needs jax >= 0.12"
         if reason is not None:
-            raise ValueError(f"key_grads='mosaic' cannot run this call: {reason}")
+            raise ValueError(f"key_grads={key_grads!r} cannot run this call: {reason}")
     return t
 
 
@@ -288,7 +304,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         mosaic_warpgroups: 2 runs the Mosaic forward sweep warp-specialised (a state group, an output
         group and a memory group) instead of in one warpgroup (default 2 where K <= 128 on a GPU,
         else 1);
-      key_grads: "triton" or "mosaic", the kernel that forms dq and dk (KEY_GRADS);
+      key_grads: "triton" or "mosaic", the kernel that forms dq and dk after the Triton pair kernel,
+        or "fused", one Mosaic kernel for both (CHUNK_GRADS);
       inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop
         (default 128 at K <= 128, 64 above), key tile (of the key-tiled gradient kernel), warps and
         stages;

@@ -42,8 +42,6 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
     out_dt = dt if t.group == 1 else jnp.dtype(jnp.float32)
     G, beta_rows, rel = gate_rows(g, beta, docs, t)
     has_docs = rel is not None
-    ROW = plgpu.Layout.WGMMA.reduce(1)
-    WGMMA = plgpu.Layout.WGMMA
 
     def body(*refs):
         (q_ref, k_ref, dqk_ref, y_ref, s_ref, ds_ref, do_ref, vn_ref, tdvn_ref, G_ref, beta_ref) = refs[:11]
@@ -64,49 +62,10 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
             plgpu.copy_gmem_to_smem(src, dst, bar)
         plgpu.barrier_wait(bar)
         ch = ChunkDecays(gates)
-        row = ch.row
-
-        # dq, and the row sum of dO * (Q S) for dG
-        do_c = plgpu.load(do_s, layout=WGMMA).astype(jnp.float32)
-        (QS,) = mms(((C, V), [(q_s, s_s)]))
-        r_q = jnp.sum(do_c * QS, axis=1)
-        do_s[...] = (row(ch.d_in, V) * do_c).astype(dt)
-        plgpu.commit_smem()
-        (acc_dq,) = mms(((C, K), [(do_s, s_s.T), (dqk_s, k_s)]))
-        out_s[...] = (acc_dq * t.scale).astype(out_dt)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_s, dq_ref.at[b, rows, hv, :])
-
-        # the row sums through K S and K dS
-        tdvn_c = plgpu.load(tdvn_s, layout=WGMMA).astype(jnp.float32)
-        vn_c = plgpu.load(vn_s, layout=WGMMA).astype(jnp.float32)
-        (KS,) = mms(((C, V), [(k_s, s_s)]))
-        kbg_dot = -ch.d_in * jnp.sum(tdvn_c * KS, axis=1)
-        (KdS,) = mms(((C, V), [(k_s, ds_s)]))
-        x_out = ch.d_out * jnp.sum(vn_c * KdS, axis=1)
-
-        # dk: the row scalings go on the [C, V] operands, so one accumulator takes four products
-        vn_s[...] = (row(ch.d_out, V) * vn_c).astype(dt)
-        tdvn_s[...] = (-(ch.beta(V) * row(ch.d_in, V)) * tdvn_c).astype(dt)
-        plgpu.commit_smem()
-        acc_dk, acc_qt = mms(((C, K), [(vn_s, ds_s.T), (tdvn_s, s_s.T), (y_s, k_s), (y_s.T, k_s)]),
-                              ((C, K), [(dqk_s.T, q_s)]))
-        plgpu.wait_smem_to_gmem(0)  # dq has left out_s
-        out_s[...] = (acc_dk + t.scale * acc_qt).astype(out_dt)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_s, dk_ref.at[b, rows, hv, :])
-
-        # dG and dbeta (this kernel's terms; pair_grads adds the rest)
-        S_c = plgpu.load(s_s, layout=WGMMA).astype(jnp.float32)
-        dS_c = plgpu.load(ds_s, layout=WGMMA).astype(jnp.float32)
-        # Summed by rows, then over them: reshaping [K, V] to one axis defeats Mosaic's layout inference.
-        s_ds = jnp.sum(jnp.sum(S_c * dS_c, axis=1))
-        beta_row = plgpu.load(gates[2], layout=ROW)
-        last = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=ROW) == C - 1
-        dG = (t.scale * ch.d_in * r_q + beta_row * kbg_dot - x_out
-              + jnp.where(last, jnp.sum(x_out) + ch.d_chunk * s_ds, 0.0))
+        dG, dbeta = key_part(t, ch, gates, q_s, k_s, dqk_s, y_s, s_s, ds_s, do_s, vn_s, tdvn_s, out_s,
+                             dq_ref.at[b, rows, hv, :], dk_ref.at[b, rows, hv, :], dt, out_dt)
         dG_s[...] = dG
-        dbeta_s[...] = kbg_dot
+        dbeta_s[...] = dbeta
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(dG_s, dG_ref.at[b, hv, rows])
         plgpu.copy_smem_to_gmem(dbeta_s, dbeta_ref.at[b, hv, rows])
@@ -129,3 +88,56 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
     chunked = lambda x: x.reshape(t.B, N, C, *x.shape[2:])
     rows_back = lambda x: jnp.moveaxis(x, 1, 2).reshape(t.B, N, C, t.HV, 1)
     return chunked(dq), chunked(dk), rows_back(dG), rows_back(dbeta)
+
+
+def key_part(t: Tiling, ch, gates, q_s, k_s, dqk_s, y_s, s_s, ds_s, do_s, vn_s, tdvn_s, out_s, dq_dst,
+             dk_dst, dt, out_dt):
+    """The key gradients of one chunk from its tiles in shared memory (do_s, vn_s and tdvn_s are
+    rewritten in place): dq and dk stored to dq_dst, dk_dst through out_s; returns this part's dG
+    and dbeta per row. Shared by `key_grads` and the fused mosaic_chunk_grads."""
+    C, K, V = t.C, t.K, t.V
+    WGMMA = plgpu.Layout.WGMMA
+    ROW = WGMMA.reduce(1)
+    row = ch.row
+
+    # dq, and the row sum of dO * (Q S) for dG
+    do_c = plgpu.load(do_s, layout=WGMMA).astype(jnp.float32)
+    (QS,) = mms(((C, V), [(q_s, s_s)]))
+    r_q = jnp.sum(do_c * QS, axis=1)
+    do_s[...] = (row(ch.d_in, V) * do_c).astype(dt)
+    plgpu.commit_smem()
+    (acc_dq,) = mms(((C, K), [(do_s, s_s.T), (dqk_s, k_s)]))
+    out_s[...] = (acc_dq * t.scale).astype(out_dt)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_s, dq_dst)
+
+    # the row sums through K S and K dS
+    tdvn_c = plgpu.load(tdvn_s, layout=WGMMA).astype(jnp.float32)
+    vn_c = plgpu.load(vn_s, layout=WGMMA).astype(jnp.float32)
+    (KS,) = mms(((C, V), [(k_s, s_s)]))
+    kbg_dot = -ch.d_in * jnp.sum(tdvn_c * KS, axis=1)
+    (KdS,) = mms(((C, V), [(k_s, ds_s)]))
+    x_out = ch.d_out * jnp.sum(vn_c * KdS, axis=1)
+
+    # dk: the row scalings go on the [C, V] operands, so one accumulator takes four products
+    vn_s[...] = (row(ch.d_out, V) * vn_c).astype(dt)
+    tdvn_s[...] = (-(ch.beta(V) * row(ch.d_in, V)) * tdvn_c).astype(dt)
+    plgpu.commit_smem()
+    acc_dk, acc_qt = mms(((C, K), [(vn_s, ds_s.T), (tdvn_s, s_s.T), (y_s, k_s), (y_s.T, k_s)]),
+                          ((C, K), [(dqk_s.T, q_s)]))
+    plgpu.wait_smem_to_gmem(0)  # dq has left out_s
+    out_s[...] = (acc_dk + t.scale * acc_qt).astype(out_dt)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_s, dk_dst)
+
+    # dG and dbeta (this kernel's terms; pair_grads adds the rest)
+    S_c = plgpu.load(s_s, layout=WGMMA).astype(jnp.float32)
+    dS_c = plgpu.load(ds_s, layout=WGMMA).astype(jnp.float32)
+    # Summed by rows, then over them: reshaping [K, V] to one axis defeats Mosaic's layout inference.
+    s_ds = jnp.sum(jnp.sum(S_c * dS_c, axis=1))
+    beta_row = plgpu.load(gates[2], layout=ROW)
+    last = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=ROW) == C - 1
+    dG = (t.scale * ch.d_in * r_q + beta_row * kbg_dot - x_out
+          + jnp.where(last, jnp.sum(x_out) + ch.d_chunk * s_ds, 0.0))
+    plgpu.wait_smem_to_gmem(0)  # dk has left out_s
+    return dG, kbg_dot

@@ -181,15 +181,17 @@ def test_mosaic_warp_specialised_forward_matches_oracle():
     assert rel_err(o, o_one) < 1e-6 and rel_err(S, S_one) < 1e-6
 
 
+@pytest.mark.parametrize("key_grads", ["mosaic", "fused"])
 @pytest.mark.parametrize("case", GRAD_CASES)
-def test_mosaic_key_gradient_kernel_matches_scan(case):
+def test_mosaic_gradient_kernels_match_scan(case, key_grads):
     """key_grads="mosaic" (one program per chunk and value head, row scalings folded into operands)
-    gives the gradients of the scan reference, like the Triton kernel it replaces."""
+    and "fused" (the pair and key gradients in one Mosaic program) give the gradients of the scan
+    reference, like the Triton kernels they replace."""
     opts = GRAD_CASES[case]
     _skip_unless_runs("pallas_mosaic", BF16, opts["K"], opts["V"])
     _, x = _rounded(random_op_inputs(22, with_state=True, **opts), BF16)
     grads_ref = _grads(x, jnp.float32, "scan", 23)
-    grads = _grads(x, BF16, "pallas_mosaic", 23, key_grads="mosaic", segments=1)
+    grads = _grads(x, BF16, "pallas_mosaic", 23, key_grads=key_grads, segments=1)
     for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
         assert rel_err(gp, gr) < TOL[BF16][1], (name, rel_err(gp, gr))
 
@@ -245,7 +247,8 @@ def test_pallas_means_a_backend_that_runs_here():
         impls.resolve("pallas_mosaic", dtype=jnp.float32, K=128, V=128, chunk_size=64)
 
 
-@pytest.mark.parametrize("mode", ["output", "output_ws", "residuals", "final", "reverse", "key_grads"])
+@pytest.mark.parametrize("mode", ["output", "output_ws", "residuals", "final", "reverse", "key_grads",
+                                  "chunk_grads"])
 @pytest.mark.parametrize("docs", [False, True])
 def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
     """Lowers the Mosaic sweeps for CUDA on this CPU, as if for a Hopper GPU: Mosaic's layout
@@ -278,6 +281,12 @@ def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
         states = jnp.zeros((B, N, HV, K, V), BF16)
         fn = lambda q, T_inv, g, v, S0: mosaic_grads.key_grads(
             q, q, g, g, doc_masks, T_inv, T_inv, states, states, v, v, v, t, BF16)
+    elif mode == "chunk_grads":  # GVA, as above
+        from kernels_pallas import mosaic_chunk_grads
+        t = t._replace(H=1, HV=2)
+        states = jnp.zeros((B, N, HV, K, V), BF16)
+        fn = lambda q, T_inv, g, v, S0: mosaic_chunk_grads.chunk_grads(
+            q, q, v, g, g, doc_masks, T_inv, v, v, v, states, states, t, BF16)
     elif mode == "reverse":
         fn = lambda q, T_inv, g, do, S0: ms.reverse_sweep(q, q, T_inv, g, g, doc_masks, do, S0, t, mode="full")
     else:
