@@ -133,20 +133,25 @@ def document_masks(reset_BxT, N, C):
     return doc, reach_in, reach_out
 
 
-def _forward(q, k, v, g, beta, initial_state, docs, t: Tiling):
-    """((o, final state), residuals)."""
+def _forward(q, k, v, g, beta, initial_state, docs, t: Tiling, keep=False):
+    """((o, final state), (T, segments' join, kept)); with keep (the forward of a differentiated
+    call, Mosaic sweeps, one segment) kept = (states entering each chunk, Vnew) from the output sweep
+    itself, so the backward skips its residual sweep; otherwise None."""
     sweeps = SWEEPS[t.sweeps]
     x = sweeps.prepare(Chunks(q, k, v, g, beta, docs, None), t)
     if t.segments == 1:
+        if keep:
+            o, S_final, states_in, vnew = sweeps.sweep(x, initial_state, t, "output_residuals", v.dtype)
+            return (o, S_final), (x.T, None, (states_in, vnew))
         o, S_final = sweeps.sweep(x, initial_state, t, "output", v.dtype)
-        return (o, S_final), (x.T, None)
+        return (o, S_final), (x.T, None, None)
     ts, P = cp.segment_tiling(t), t.segments
     xs = x.split(P)
     S_aug = sweeps.sweep(sweeps.with_transition_columns(xs, t.K), cp.transition_start(ts),
                          ts._replace(V=t.K + t.V), "final")
     M, S_in, S_final = cp.join_forward(S_aug, initial_state, t)
     o, _ = sweeps.sweep(xs, S_in.reshape(ts.B, *S_in.shape[2:]), ts, "output", v.dtype)
-    return (cp.merge(o, P), S_final), (x.T, (M, S_in))
+    return (cp.merge(o, P), S_final), (x.T, (M, S_in), None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -155,16 +160,20 @@ def _chunked(q, k, v, g, beta, initial_state, docs, t: Tiling):
 
 
 def _chunked_fwd(q, k, v, g, beta, initial_state, docs, t):
-    out, (T, segments) = _forward(q, k, v, g, beta, initial_state, docs, t)
-    return out, (q, k, v, g, beta, initial_state, docs, T, segments)
+    keep = t.keep_residuals and t.sweeps == "mosaic" and t.segments == 1
+    out, (T, segments, kept) = _forward(q, k, v, g, beta, initial_state, docs, t, keep=keep)
+    return out, (q, k, v, g, beta, initial_state, docs, T, segments, kept)
 
 
-def _states_and_cotangents(x: Chunks, initial_state, segments, do, dS_final, t: Tiling):
+def _states_and_cotangents(x: Chunks, initial_state, segments, kept, do, dS_final, t: Tiling):
     """The backward's two sweeps: (states entering each chunk, Vnew, dS leaving each chunk, dVnew,
-    d initial_state)."""
+    d initial_state); the first only where the forward kept none."""
     sweeps = SWEEPS[t.sweeps]
     if t.segments == 1:
-        _, states_in, vnew = sweeps.sweep(x, initial_state, t, "residuals")
+        if kept is not None:
+            states_in, vnew = kept
+        else:
+            _, states_in, vnew = sweeps.sweep(x, initial_state, t, "residuals")
         dstates_out, dvnew, d_initial = sweeps.reverse(x, do, dS_final, t, "full")
         return states_in, vnew, dstates_out, dvnew, d_initial
     ts, P = cp.segment_tiling(t), t.segments
@@ -180,12 +189,12 @@ def _states_and_cotangents(x: Chunks, initial_state, segments, do, dS_final, t: 
 
 
 def _chunked_bwd(t, res, cotangents):
-    q, k, v, g, beta, initial_state, docs, T, segments = res
+    q, k, v, g, beta, initial_state, docs, T, segments, kept = res
     do, dS_final = cotangents
     mm_dtype = _mm_dtype(q.dtype)
     x = SWEEPS[t.sweeps].prepare(Chunks(q, k, v, g, beta, docs, None), t, T=T)
     states_in, vnew, dstates_out, dvnew, d_initial = _states_and_cotangents(
-        x, initial_state, segments, do, dS_final, t)
+        x, initial_state, segments, kept, do, dS_final, t)
     t_dvn, dq, dk, dG, dbeta = CHUNK_GRADS[t.key_grads](q, k, v, g, beta, docs, T, do, vnew, dvnew,
                                                         states_in, dstates_out, t, mm_dtype)
     dv = t_dvn.astype(jnp.float32) * beta[..., None]  # d(beta V) = T^T dVnew
@@ -230,7 +239,7 @@ def default_segments(*, B, HV, N, K, V, block_v) -> int:
 def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps="triton",
                 block_v=None, inner_block_v=None, block_k=64, num_warps=4, num_stages=1, sweep_warps=4,
                 sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=None, key_grads="triton",
-                segments=None, interpret=None) -> Tiling:
+                keep_residuals=False, segments=None, interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here to powers of two), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
     if sweeps not in SWEEPS:
@@ -271,7 +280,8 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                BK=min(block_k, Kp), scale=float(scale), has_docs=has_docs, BVI=min(inner_block_v, Vp),
                num_warps=num_warps, num_stages=num_stages, sweep_warps=sweep_warps,
                sweep_stages=sweep_stages, sweeps=sweeps, mosaic_stages=mosaic_stages,
-               mosaic_warpgroups=mosaic_warpgroups, key_grads=key_grads, segments=segments,
+               mosaic_warpgroups=mosaic_warpgroups, key_grads=key_grads,
+               keep_residuals=bool(keep_residuals), segments=segments,
                interpret=bool(interpret))
     if sweeps == "mosaic":
         reason = mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
@@ -306,6 +316,10 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         else 1);
       key_grads: "triton" or "mosaic", the kernel that forms dq and dk after the Triton pair kernel,
         or "fused", one Mosaic kernel for both (CHUNK_GRADS);
+      keep_residuals: with the Mosaic sweeps and one segment, the forward of a differentiated call
+        stores the states entering each chunk and Vnew (bf16) as it goes, and the backward skips
+        its residual sweep (default False until measured: it holds 2 (K V / C + V) bytes more per
+        token and value head between forward and backward);
       inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop
         (default 128 at K <= 128, 64 above), key tile (of the key-tiled gradient kernel), warps and
         stages;

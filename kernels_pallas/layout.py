@@ -42,7 +42,8 @@ class Tiling(NamedTuple):
     sweeps: str = "triton"      # which lowering runs the two sequential sweeps (gated_delta_rule.SWEEPS)
     mosaic_stages: int = 2      # Mosaic sweeps: chunks in flight in the TMA pipeline
     mosaic_warpgroups: int = 1  # Mosaic forward sweep: 2 splits the state chain and the output
-    key_grads: str = "triton"   # which kernel forms dq and dk (gated_delta_rule.KEY_GRADS)
+    key_grads: str = "triton"   # the backward's chunk-parallel kernels (gated_delta_rule.CHUNK_GRADS)
+    keep_residuals: bool = False  # Mosaic, one segment: the forward keeps states and Vnew for the backward
     segments: int = 1           # context parallelism: sequence segments swept side by side
     interpret: bool = False     # run every kernel in Pallas interpret mode (CPU)
 

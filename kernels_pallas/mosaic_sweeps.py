@@ -40,14 +40,21 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
     mode "residuals": returns (final state, states entering each chunk [B,N,HV,K,V], Vnew [B,N,C,HV,V]),
                       those two in the matmul dtype (the backward's operands)
     mode "final":     returns the final state only (context parallelism's first pass)
+    mode "output_residuals": returns (o, final state, states entering each chunk, Vnew): the forward
+                      of a differentiated call, which keeps the backward's residuals instead of
+                      sweeping again for them
     """
-    if mode == "output" and t.mosaic_warpgroups == 2:
-        return _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t, out_dtype)
+    if mode not in ("output", "residuals", "final", "output_residuals"):
+        raise ValueError(f"unknown sweep mode {mode!r}")
+    if mode in ("output", "output_residuals") and t.mosaic_warpgroups == 2:
+        return _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t, out_dtype,
+                                         residuals=mode == "output_residuals")
     C, K, V, BV, N = t.C, t.K, t.V, t.BV, t.N
     dt = k.dtype
     G, beta_rows, rel = gate_rows(g, beta, docs, t)
     has_docs = rel is not None
-    with_o, with_res = mode == "output", mode == "residuals"
+    with_o = mode in ("output", "output_residuals")
+    with_res = mode in ("residuals", "output_residuals")
     stages = t.mosaic_stages
 
     def body(*refs):
@@ -145,6 +152,8 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
                         grid=(t.B * t.HV, V // BV), grid_names=("bh", "vt"),
                         kernel_name=f"gdn_mosaic_sweep_{mode}", **launch(t))(*args)
     chunked = lambda x: x.reshape(t.B, N, C, *x.shape[2:])
+    if with_o and with_res:
+        return chunked(outs[0]), outs[1], outs[2], chunked(outs[3])
     if with_o:
         return chunked(outs[0]), outs[1]
     if with_res:
@@ -152,14 +161,18 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
     return outs[0]
 
 
-def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tiling, out_dtype):
-    """mode "output" of `sweep` with warp specialisation: three warpgroups per program.
+def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tiling, out_dtype, *,
+                              residuals=False):
+    """modes "output" and "output_residuals" of `sweep` with warp specialisation: three warpgroups
+    per program.
       state   walks the chunks carrying S: K S -> X -> Vnew = T X -> S <- d_chunk S + K^T (d_out Vnew),
               handing each chunk's entering S and its Vnew (bf16, double-buffered) to the output group;
       output  Q K^T * Gamma (needs no S, so it runs ahead), then Q S and (Q K^T * Gamma) Vnew as the
               state group publishes them, and the TMA store of O;
       memory  TMA loads of the chunks' tiles, `mosaic_stages` chunks ahead.
-    So the output products leave the state group's dependent chain, which is what bounds the sweep."""
+    So the output products leave the state group's dependent chain, which is what bounds the sweep.
+    With residuals the state group also stores each chunk's entering S and its Vnew (the bf16 tiles
+    it hands over) to global memory, for the backward."""
     C, K, V, BV, N = t.C, t.K, t.V, t.BV, t.N
     dt = k.dtype
     stages = t.mosaic_stages
@@ -171,7 +184,8 @@ def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tilin
         q_ref, k_ref, v_ref, T_ref, G_ref, beta_ref = refs[:6]
         rel_ref = refs[6] if has_docs else None
         s0_ref, o_ref, sT_ref = refs[n_in:n_in + 3]
-        scratch = refs[n_in + 3:]
+        sin_ref, vn_out_ref = refs[n_in + 3:n_in + 5] if residuals else (None, None)
+        scratch = refs[n_in + 3 + 2 * residuals:]
         (bufs, s_buf, vn_buf, x_smem, p_smem, o_buf, st_smem,
          loaded, consumed, s_ready, s_free, vn_ready, vn_free, st_bar) = scratch
         b, hv, h, vs = program_ids(t)
@@ -213,9 +227,14 @@ def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tilin
                 @pl.when(n >= 2)
                 def _():
                     plgpu.barrier_wait(s_free.at[half])
+                if residuals:  # this group's stores out of these buffers two chunks ago are done
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
                 s_buf.at[half][...] = S.astype(dt)
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(s_ready.at[half])
+                if residuals:
+                    plgpu.copy_smem_to_gmem(s_buf.at[half], sin_ref.at[b, n, hv, :, vs],
+                                            commit_group=False)
                 (KS,) = mms(((C, BV), [(k_s, s_buf.at[half])]))
                 v_c = plgpu.load(v_s, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
                 x_smem[...] = (ch.beta(BV) * (v_c - ch.row(ch.d_in, BV) * KS)).astype(dt)
@@ -229,6 +248,10 @@ def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tilin
                 x_smem[...] = (ch.row(ch.d_out, BV) * vnew).astype(dt)
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(vn_ready.at[half])
+                if residuals:
+                    plgpu.copy_smem_to_gmem(vn_buf.at[half], vn_out_ref.at[b, pl.ds(n * C, C), hv, vs],
+                                            commit_group=False)
+                    plgpu.commit_smem_to_gmem_group()
                 (KV,) = mms(((K, BV), [(k_s.T, x_smem)]))
                 plgpu.barrier_arrive(consumed.at[slot])
                 return ch.d_chunk * S + KV
@@ -277,13 +300,21 @@ def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tilin
                barrier(1, 2), barrier(1, 2), barrier(1, 2), barrier(1, 2),  # S and Vnew handed over
                plgpu.Barrier()]
     args = [flat(q), flat(k), flat(v), flat(T), G, beta_rows] + ([rel] if has_docs else [])
-    o, S_final = plgpu.kernel(
-        body, out_type=[jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), out_dtype),
-                        jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)],
-        scratch_types=scratch, grid=(t.B * t.HV, V // BV), grid_names=("bh", "vt"),
-        num_threads=3, thread_name="wg", kernel_name="gdn_mosaic_sweep_output_ws", **launch(t),
+    out_type = [jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), out_dtype),
+                jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)]
+    if residuals:
+        out_type += [jax.ShapeDtypeStruct((t.B, N, t.HV, K, V), dt),
+                     jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), dt)]
+    outs = plgpu.kernel(
+        body, out_type=out_type, scratch_types=scratch, grid=(t.B * t.HV, V // BV),
+        grid_names=("bh", "vt"), num_threads=3, thread_name="wg",
+        kernel_name="gdn_mosaic_sweep_output_residuals_ws" if residuals else "gdn_mosaic_sweep_output_ws",
+        **launch(t),
     )(*args, initial_state)
-    return o.reshape(t.B, N, C, *o.shape[2:]), S_final
+    chunked = lambda x: x.reshape(t.B, N, C, *x.shape[2:])
+    if residuals:
+        return chunked(outs[0]), outs[1], outs[2], chunked(outs[3])
+    return chunked(outs[0]), outs[1]
 
 
 def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str):
