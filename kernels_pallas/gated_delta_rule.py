@@ -238,7 +238,8 @@ def default_segments(*, B, HV, N, K, V, block_v) -> int:
 
 def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps="triton",
                 block_v=None, inner_block_v=None, block_k=64, num_warps=4, num_stages=1, sweep_warps=4,
-                sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=None, key_grads="triton",
+                sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=None, reverse_warpgroups=1,
+                key_grads="triton",
                 keep_residuals=False, segments=None, interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here to powers of two), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
@@ -255,8 +256,9 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
         # GPU runs it correctly; tests name mosaic_warpgroups=2 explicitly at shapes it runs.
         mosaic_warpgroups = (2 if sweeps == "mosaic" and padded_head_dims(K, V)[0] <= 128
                              and not interpret else 1)
-    if mosaic_warpgroups not in (1, 2):
-        raise ValueError(f"mosaic_warpgroups must be 1 or 2, got {mosaic_warpgroups!r}")
+    for name, value in (("mosaic_warpgroups", mosaic_warpgroups), ("reverse_warpgroups", reverse_warpgroups)):
+        if value not in (1, 2):
+            raise ValueError(f"{name} must be 1 or 2, got {value!r}")
     if key_grads not in CHUNK_GRADS:
         raise ValueError(f"key_grads must be one of {tuple(CHUNK_GRADS)}, got {key_grads!r}")
     Kp, Vp = padded_head_dims(K, V)
@@ -280,13 +282,14 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                BK=min(block_k, Kp), scale=float(scale), has_docs=has_docs, BVI=min(inner_block_v, Vp),
                num_warps=num_warps, num_stages=num_stages, sweep_warps=sweep_warps,
                sweep_stages=sweep_stages, sweeps=sweeps, mosaic_stages=mosaic_stages,
-               mosaic_warpgroups=mosaic_warpgroups, key_grads=key_grads,
+               mosaic_warpgroups=mosaic_warpgroups, reverse_warpgroups=reverse_warpgroups,
+               key_grads=key_grads,
                keep_residuals=bool(keep_residuals), segments=segments,
                interpret=bool(interpret))
     if sweeps == "mosaic":
         reason = mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
-        if reason is None and mosaic_warpgroups == 2 and t.K > 128:
-            reason = f"the warp-specialised forward sweep fits shared memory up to K = 128, got {t.K}"
+        if reason is None and 2 in (mosaic_warpgroups, reverse_warpgroups) and t.K > 128:
+            reason = f"the warp-specialised sweeps fit shared memory up to K = 128, got {t.K}"
         if reason is None and t.interpret and not mosaic_common.interpret_supported():
             reason = "Mosaic GPU's interpret mode (for running without a GPU) needs jax >= 0.12"
         if reason is not None:
@@ -313,7 +316,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         not fit shared memory); mosaic_stages: chunks in flight in the Mosaic sweeps' TMA pipeline;
         mosaic_warpgroups: 2 runs the Mosaic forward sweep warp-specialised (a state group, an output
         group and a memory group) instead of in one warpgroup (default 2 where K <= 128 on a GPU,
-        else 1);
+        else 1); reverse_warpgroups: 2 runs the Mosaic reverse sweep warp-specialised (a state group,
+        a helper group forming the dS-free products a chunk ahead, a memory group; default 1);
       key_grads: "triton" or "mosaic", the kernel that forms dq and dk after the Triton pair kernel,
         or "fused", one Mosaic kernel for both (CHUNK_GRADS);
       keep_residuals: with the Mosaic sweeps and one segment, the forward of a differentiated call

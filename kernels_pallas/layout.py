@@ -42,6 +42,7 @@ class Tiling(NamedTuple):
     sweeps: str = "triton"      # which lowering runs the two sequential sweeps (gated_delta_rule.SWEEPS)
     mosaic_stages: int = 2      # Mosaic sweeps: chunks in flight in the TMA pipeline
     mosaic_warpgroups: int = 1  # Mosaic forward sweep: 2 splits the state chain and the output
+    reverse_warpgroups: int = 1  # Mosaic reverse sweep: 2 moves the dS-free products to a helper group
     key_grads: str = "triton"   # the backward's chunk-parallel kernels (gated_delta_rule.CHUNK_GRADS)
     keep_residuals: bool = False  # Mosaic, one segment: the forward keeps states and Vnew for the backward
     segments: int = 1           # context parallelism: sequence segments swept side by side

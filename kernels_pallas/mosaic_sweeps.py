@@ -324,7 +324,11 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
     mode "full":  returns (dS leaving each chunk [B,N,HV,K,V], dVnew [B,N,C,HV,V], both in the matmul
                   dtype, and the float32 gradient of the initial state)
     mode "final": returns the gradient of the initial state only (context parallelism's first pass)
+    With t.reverse_warpgroups == 2 the warp-specialised version (mosaic_reverse_ws.py) runs instead.
     """
+    if t.reverse_warpgroups == 2:
+        from kernels_pallas.mosaic_reverse_ws import reverse_sweep_specialised
+        return reverse_sweep_specialised(q, k, T, g, beta, docs, do, dS_final, t, mode=mode)
     C, K, V, BV, N = t.C, t.K, t.V, t.BV, t.N
     dt = k.dtype
     G, beta_rows, rel = gate_rows(g, beta, docs, t)

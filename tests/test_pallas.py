@@ -195,6 +195,20 @@ def test_mosaic_forward_keeping_residuals_gives_the_scan_gradients(warpgroups):
         assert rel_err(gp, gr) < TOL[BF16][1], (name, rel_err(gp, gr))
 
 
+def test_mosaic_warp_specialised_reverse_sweep_gives_the_scan_gradients():
+    """reverse_warpgroups=2: the reverse sweep with a helper warpgroup forming the dS-free products
+    a chunk ahead gives the scan reference's gradients, and the one-warpgroup sweep's."""
+    _skip_unless_runs("pallas_mosaic", BF16)
+    _, x = _rounded(random_op_inputs(26, B=1, T=200, H=1, HV=2, K=64, V=128, with_state=True,
+                                     num_docs=3), BF16)
+    grads_ref = _grads(x, jnp.float32, "scan", 27)
+    grads = _grads(x, BF16, "pallas_mosaic", 27, reverse_warpgroups=2, segments=1)
+    grads_one = _grads(x, BF16, "pallas_mosaic", 27, reverse_warpgroups=1, segments=1)
+    for name, gr, gp, g1 in zip((*OP_ARGS, "initial_state"), grads_ref, grads, grads_one):
+        assert rel_err(gp, gr) < TOL[BF16][1], (name, rel_err(gp, gr))
+        assert rel_err(gp, g1) < 1e-6, (name, rel_err(gp, g1))
+
+
 @pytest.mark.parametrize("key_grads", ["mosaic", "fused"])
 @pytest.mark.parametrize("case", GRAD_CASES)
 def test_mosaic_gradient_kernels_match_scan(case, key_grads):
@@ -262,7 +276,8 @@ def test_pallas_means_a_backend_that_runs_here():
 
 
 @pytest.mark.parametrize("mode", ["output", "output_ws", "residuals", "final", "reverse", "key_grads",
-                                  "chunk_grads", "output_residuals", "output_residuals_ws"])
+                                  "chunk_grads", "output_residuals", "output_residuals_ws",
+                                  "reverse_ws"])
 @pytest.mark.parametrize("docs", [False, True])
 def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
     """Lowers the Mosaic sweeps for CUDA on this CPU, as if for a Hopper GPU: Mosaic's layout
@@ -277,7 +292,8 @@ def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
     B, T, H, HV, K, V = 1, 192, 1, 2, 128, 128
     t = make_tiling(B=B, T=T, H=H, HV=HV, K=K, V=V, chunk_size=64, scale=0.1, has_docs=docs,
                     dtype=BF16, sweeps="mosaic", segments=1, interpret=False,
-                    mosaic_warpgroups=2 if mode.endswith("_ws") else 1)
+                    mosaic_warpgroups=2 if mode.endswith("_ws") else 1,
+                    reverse_warpgroups=2 if mode == "reverse_ws" else 1)
     mode = mode.removesuffix("_ws")
     N, C = t.N, t.C
     q = jnp.zeros((B, N, C, H, K), BF16)
