@@ -19,6 +19,8 @@ tensor cores take float32 operands only as tf32 and only untransposed).
 
 Shared memory at K = V = 128 (bf16): the nine input tiles (168 KB), d_qk and Y (16 KB), and either
 the pair part's three [C, C] work tiles (24 KB, scoped) or the key part's output tile (16 or 32 KB).
+S and dS arrive on their own barrier, waited for only before the key part, so the pair part's
+products overlap their 64 KB of loads (one program per SM: nothing else hides them).
 """
 
 from __future__ import annotations
@@ -49,19 +51,22 @@ def chunk_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, states_in, dstates_o
         rel_ref = refs[11] if has_docs else None
         tdvn_ref, dq_ref, dk_ref, dG_ref, dbeta_ref = refs[n_in:n_in + 5]
         scratch = refs[n_in + 5:]
-        (q_s, k_s, v_s, T_s, do_s, vn_s, dvn_s, s_s, ds_s, *gates) = scratch[:-5]
-        dqk_s, y_s, dG_s, dbeta_s, bar = scratch[-5:]
+        (q_s, k_s, v_s, T_s, do_s, vn_s, dvn_s, s_s, ds_s, *gates) = scratch[:-6]
+        dqk_s, y_s, dG_s, dbeta_s, bar, bar_states = scratch[-6:]
         n, bh = lax.axis_index("n"), lax.axis_index("bh")
         b, hv = bh // t.HV, bh % t.HV
         h = hv // t.group
         rows = pl.ds(n * C, C)
         srcs = [q_ref.at[b, rows, h, :], k_ref.at[b, rows, h, :], v_ref.at[b, rows, hv, :],
                 T_ref.at[b, rows, hv, :], do_ref.at[b, rows, hv, :], vn_ref.at[b, rows, hv, :],
-                dvn_ref.at[b, rows, hv, :], s_ref.at[b, n, hv], ds_ref.at[b, n, hv],
-                *[src.at[rows] for src in gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]]
-        dsts = [q_s, k_s, v_s, T_s, do_s, vn_s, dvn_s, s_s, ds_s, *gates]
+                dvn_ref.at[b, rows, hv, :], *[src.at[rows] for src in gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]]
+        dsts = [q_s, k_s, v_s, T_s, do_s, vn_s, dvn_s, *gates]
         for src, dst in zip(srcs, dsts):
             plgpu.copy_gmem_to_smem(src, dst, bar)
+        # S and dS (64 KB at K = V = 128) are needed only by the key part: issued last, on their own
+        # barrier, so the pair part starts while they arrive.
+        plgpu.copy_gmem_to_smem(s_ref.at[b, n, hv], s_s, bar_states)
+        plgpu.copy_gmem_to_smem(ds_ref.at[b, n, hv], ds_s, bar_states)
         plgpu.barrier_wait(bar)
         ch = ChunkDecays(gates)
 
@@ -111,6 +116,7 @@ def chunk_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, states_in, dstates_o
 
         dG_pair, dbeta_pair = pl.run_scoped(pair_part, *[tile((C, C), dt)] * 3)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # T^T dVnew has left dvn_s
+        plgpu.barrier_wait(bar_states)
 
         def key_scope(out_s):
             return key_part(t, ch, gates, q_s, k_s, dqk_s, y_s, s_s, ds_s, do_s, vn_s, dvn_s, out_s,
@@ -128,7 +134,8 @@ def chunk_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, states_in, dstates_o
              tile((C, V), dt), tile((C, V), dt), tile((K, V), dt), tile((K, V), dt)]
     tiles += [plgpu.SMEM((C,), jnp.float32)] * (3 + 2 * has_docs)
     scratch = tiles + [tile((C, C), dt), tile((C, C), dt), plgpu.SMEM((C,), jnp.float32),
-                       plgpu.SMEM((C,), jnp.float32), plgpu.Barrier(num_arrivals=len(tiles))]
+                       plgpu.SMEM((C,), jnp.float32), plgpu.Barrier(num_arrivals=len(tiles) - 2),
+                       plgpu.Barrier(num_arrivals=2)]
     rows_out = jax.ShapeDtypeStruct((t.B, t.HV, N * C), jnp.float32)
     per_key = jax.ShapeDtypeStruct((t.B, N * C, t.HV, K), out_dt)
     tdvn = jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), dt)
