@@ -239,15 +239,15 @@ def flashqla_rows(site, names, iters, out_dir):
 
 VARIANT_KEYS = {"bv": "block_v", "bi": "inner_block_v", "k": "block_k", "w": "num_warps", "s": "num_stages",
                 "x": "sweep_warps", "y": "sweep_stages", "ms": "mosaic_stages", "p": "segments",
-                "wg": "mosaic_warpgroups", "rw": "reverse_warpgroups", "kr": "keep_residuals"}
+                "wg": "mosaic_warpgroups", "rw": "reverse_warpgroups", "kr": "keep_residuals",
+                "mp": "mosaic_prepare"}
 
 
 def parse_variants(text):
     """Comma list of BACKEND[-KNOBS]: BACKEND is triton or mosaic (the sweeps' lowering); KNOBS e.g.
     bv64x4y2ms2p4: the sweeps' value tile (bv), warps (x) and stages (y, Triton), Mosaic pipeline
-    stages (ms) and warp specialisation of its forward (wg2) and reverse (rw2) sweeps, the forward
-    keeping the
-    backward's residuals (kr1), context-parallel segments (p),
+    stages (ms), warp specialisation of its forward (wg2) and reverse (rw2) sweeps, the forward
+    keeping the backward's residuals (kr1), T on Mosaic (mp1), context-parallel segments (p),
     the Mosaic key-gradient kernel (mkg) or the fused Mosaic pair + key kernel (fkg); the
     chunk-parallel kernels' inner value tile (bi),
     key tile (k), warps (w) and stages (s). Left out: the op's defaults."""

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import (backward, forward, mosaic_chunk_grads, mosaic_common, mosaic_grads,
-                            mosaic_sweeps)
+                            mosaic_prepare, mosaic_sweeps)
 from kernels_pallas import context_parallel as cp
 from kernels_pallas.layout import Tiling
 
@@ -81,7 +81,9 @@ class _MosaicSweeps:
 
     @staticmethod
     def prepare(x: Chunks, t, T=None) -> Chunks:
-        if T is None:
+        if T is None and t.mosaic_prepare:
+            T = mosaic_prepare.prepare_T(x.k, x.g, x.beta, x.docs, t)
+        elif T is None:
             T = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, _mm_dtype(x.q.dtype), t_only=True)
         return x._replace(T=T)
 
@@ -240,7 +242,7 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                 block_v=None, inner_block_v=None, block_k=64, num_warps=4, num_stages=1, sweep_warps=4,
                 sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=None, reverse_warpgroups=1,
                 key_grads="triton",
-                keep_residuals=False, segments=None, interpret=None) -> Tiling:
+                keep_residuals=False, mosaic_prepare=False, segments=None, interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here to powers of two), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
     if sweeps not in SWEEPS:
@@ -284,7 +286,7 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                sweep_stages=sweep_stages, sweeps=sweeps, mosaic_stages=mosaic_stages,
                mosaic_warpgroups=mosaic_warpgroups, reverse_warpgroups=reverse_warpgroups,
                key_grads=key_grads,
-               keep_residuals=bool(keep_residuals), segments=segments,
+               keep_residuals=bool(keep_residuals), mosaic_prepare=bool(mosaic_prepare), segments=segments,
                interpret=bool(interpret))
     if sweeps == "mosaic":
         reason = mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
@@ -320,6 +322,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         a helper group forming the dS-free products a chunk ahead, a memory group; default 1);
       key_grads: "triton" or "mosaic", the kernel that forms dq and dk after the Triton pair kernel,
         or "fused", one Mosaic kernel for both (CHUNK_GRADS);
+      mosaic_prepare: with the Mosaic sweeps, T = (I + A)^-1 on Mosaic too (mosaic_prepare.py;
+        default False until measured);
       keep_residuals: with the Mosaic sweeps and one segment, the forward of a differentiated call
         stores the states entering each chunk and Vnew (bf16) as it goes, and the backward skips
         its residual sweep (default False until measured: it holds 2 (K V / C + V) bytes more per

@@ -195,6 +195,28 @@ def test_mosaic_forward_keeping_residuals_gives_the_scan_gradients(warpgroups):
         assert rel_err(gp, gr) < TOL[BF16][1], (name, rel_err(gp, gr))
 
 
+def test_mosaic_prepare_matches_the_triton_inverse_and_the_op_matches_scan():
+    """mosaic_prepare: T = (I + A)^-1 from split-bf16 wgmma doubling steps equals the Triton
+    kernel's T (bf16 rounding apart), with documents; and the op through it gives scan's gradients."""
+    _skip_unless_runs("pallas_mosaic", BF16)
+    from kernels_pallas import forward, mosaic_prepare
+    from kernels_pallas.gated_delta_rule import document_masks, make_tiling
+    x, ref = _rounded(random_op_inputs(28, B=1, T=192, H=1, HV=2, K=64, V=64, with_state=True,
+                                       num_docs=3), BF16)
+    t = make_tiling(B=1, T=192, H=1, HV=2, K=64, V=64, chunk_size=64, scale=0.125, has_docs=True,
+                    dtype=BF16, sweeps="mosaic", segments=1)
+    ch = lambda a: jnp.asarray(a).reshape(1, t.N, t.C, *jnp.asarray(a).shape[2:])
+    docs = document_masks(resets_from_segment_ids(jnp.asarray(x["segment_ids"])), t.N, t.C)
+    k, v, g, beta = (ch(x[n]) for n in ("k", "v", "g", "beta"))
+    T_mosaic = mosaic_prepare.prepare_T(k, g, beta, docs, t)
+    T_triton = forward.prepare(k, v, g, beta, docs, t, BF16, t_only=True)
+    assert rel_err(T_mosaic, T_triton) < 5e-3, rel_err(T_mosaic, T_triton)
+    grads_ref = _grads(ref, jnp.float32, "scan", 29)
+    grads = _grads(ref, BF16, "pallas_mosaic", 29, mosaic_prepare=True, segments=1)
+    for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
+        assert rel_err(gp, gr) < TOL[BF16][1], (name, rel_err(gp, gr))
+
+
 def test_mosaic_warp_specialised_reverse_sweep_gives_the_scan_gradients():
     """reverse_warpgroups=2: the reverse sweep with a helper warpgroup forming the dS-free products
     a chunk ahead gives the scan reference's gradients, and the one-warpgroup sweep's."""
@@ -277,7 +299,7 @@ def test_pallas_means_a_backend_that_runs_here():
 
 @pytest.mark.parametrize("mode", ["output", "output_ws", "residuals", "final", "reverse", "key_grads",
                                   "chunk_grads", "output_residuals", "output_residuals_ws",
-                                  "reverse_ws"])
+                                  "reverse_ws", "prepare"])
 @pytest.mark.parametrize("docs", [False, True])
 def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
     """Lowers the Mosaic sweeps for CUDA on this CPU, as if for a Hopper GPU: Mosaic's layout
@@ -317,6 +339,9 @@ def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
         states = jnp.zeros((B, N, HV, K, V), BF16)
         fn = lambda q, T_inv, g, v, S0: mosaic_chunk_grads.chunk_grads(
             q, q, v, g, g, doc_masks, T_inv, v, v, v, states, states, t, BF16)
+    elif mode == "prepare":
+        from kernels_pallas import mosaic_prepare
+        fn = lambda q, T_inv, g, v, S0: mosaic_prepare.prepare_T(q, g, g, doc_masks, t)
     elif mode == "reverse":
         fn = lambda q, T_inv, g, do, S0: ms.reverse_sweep(q, q, T_inv, g, g, doc_masks, do, S0, t, mode="full")
     else:
