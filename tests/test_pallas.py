@@ -222,6 +222,18 @@ def test_all_mosaic_kernels_together_at_edge_gates(edge):
         assert rel_err(gp, gr) < TOL[BF16][1] or err < 1e-9, (name, rel_err(gp, gr), err)
 
 
+def test_all_mosaic_kernels_together_with_segments():
+    """The same kernels under context parallelism inside the device (2 segments; kept residuals
+    apply to one segment only, so the backward sweeps again), GVA and documents."""
+    _skip_unless_runs("pallas_mosaic", BF16)
+    _, x = _rounded(random_op_inputs(32, B=1, T=256, H=1, HV=2, K=64, V=64, with_state=True,
+                                     num_docs=3), BF16)
+    grads_ref = _grads(x, jnp.float32, "scan", 33)
+    grads = _grads(x, BF16, "pallas_mosaic", 33, **{**ALL_MOSAIC_KNOBS, "segments": 2})
+    for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
+        assert rel_err(gp, gr) < TOL[BF16][1], (name, rel_err(gp, gr))
+
+
 def test_mosaic_prepare_matches_the_triton_inverse_and_the_op_matches_scan():
     """mosaic_prepare: T = (I + A)^-1 from split-bf16 wgmma doubling steps equals the Triton
     kernel's T (bf16 rounding apart), with documents; and the op through it gives scan's gradients."""
