@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed by the open issues, in parts that each fit one device call
+# (10 minutes). Run from the repository root on the GPU machine, with .whl carried (and, for part
+# "flashqla", .anchors); logs go to $OUT (or ./gpu_logs), one file per step, and the tail of each
+# is printed at the end. Every step has its own timeout, so one that hangs cannot take the call.
+#
+#   bash bench/gpu_pending.sh kernels      # issue 10: the Mosaic kernels written without a GPU
+#   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
+#   bash bench/gpu_pending.sh generation   # issue 11: B = 16 / 256, prefill 4K / 32K, gdn_1.3b
+#   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1; issue 13: gdn_1.3b step
+#   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA
+#   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA at the K = 128 shapes, same run
+set -uo pipefail
+part=${1:?"usage: bash bench/gpu_pending.sh kernels|parity|generation|scale|lm_eval|flashqla"}
+out=${OUT:-gpu_logs}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    > "$out/pip.log" 2>&1 || echo "pip install of .whl failed (see $out/pip.log)"
+export PYTHONPATH=$PWD:/tmp/site
+
+step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a timeout, logging to $out/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    echo "== $name: exit $?"
+}
+
+case $part in
+kernels)
+    step kernels 540 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes h16k128,qwen3next,t16k --iters 30 --no-chunk --no-fla --breakdown \
+        --variants mosaic,mosaic-fkg,mosaic-kr1,mosaic-rw2,mosaic-mp1,mosaic-fkgkr1rw2mp1,mosaic-mkg ;;
+parity)
+    step parity 540 env FLA_FLASH_QLA=0 python3 bench/check_fla_parity.py --batch 1 --seq_len 2048 \
+        --out "$out/parity_1p3b.json" ;;
+generation)
+    step generation 560 python3 bench/generate_throughput.py --configs fla_gdn_1.3b,gdn_1.3b \
+        --batches 1,16,64,256 --variants loop,fused --prefill 4096,32768 --iters 2 ;;
+scale)
+    step longest_seq 330 python3 bench/longest_seq.py --timeout 100 --max_trials 3
+    step train_gdn_1p3b 230 python3 bench/train_throughput.py --config gdn_1.3b --steps 8 ;;
+lm_eval)
+    step train_tiny 120 python3 train.py --workdir /tmp/runs/tiny --steps 300
+    step lm_eval 420 env FLA_FLASH_QLA=0 python3 bench/lm_eval_check.py --workdir /tmp/runs/tiny \
+        --hf --out "$out/lm_eval_check.json" ;;
+flashqla)
+    mkdir -p /tmp/siteq && tar -xJf .anchors/qla.tar.xz -C /tmp/siteq
+    step flashqla 560 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes h16k128,t16k --variants mosaic --no-check --iters 20 --no-chunk \
+        --flashqla-site /tmp/siteq ;;
+*)
+    echo "unknown part '$part'"; exit 2 ;;
+esac
+for f in "$out"/*.log; do
+    [ "$f" = "$out/pip.log" ] && continue
+    echo "---- $f"; tail -25 "$f"
+done
