@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.layout import Tiling
-from kernels_pallas.mosaic_common import ChunkDecays, flat, gate_rows, gate_srcs, launch, mms, plgpu, tile
+from kernels_pallas.mosaic_common import (ChunkDecays, chunk_program_ids, flat, gate_rows, gate_srcs,
+                                          launch, mms, plgpu, tile)
 from kernels_pallas.mosaic_grads import key_part
 
 
@@ -53,10 +53,7 @@ def chunk_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, states_in, dstates_o
         scratch = refs[n_in + 5:]
         (q_s, k_s, v_s, T_s, do_s, vn_s, dvn_s, s_s, ds_s, *gates) = scratch[:-6]
         dqk_s, y_s, dG_s, dbeta_s, bar, bar_states = scratch[-6:]
-        n, bh = lax.axis_index("n"), lax.axis_index("bh")
-        b, hv = bh // t.HV, bh % t.HV
-        h = hv // t.group
-        rows = pl.ds(n * C, C)
+        n, b, hv, h, rows = chunk_program_ids(t)
         srcs = [q_ref.at[b, rows, h, :], k_ref.at[b, rows, h, :], v_ref.at[b, rows, hv, :],
                 T_ref.at[b, rows, hv, :], do_ref.at[b, rows, hv, :], vn_ref.at[b, rows, hv, :],
                 dvn_ref.at[b, rows, hv, :], *[src.at[rows] for src in gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]]

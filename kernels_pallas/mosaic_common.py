@@ -125,6 +125,61 @@ def program_ids(t: Tiling):
     return b, hv, hv // t.group, pl.ds(j * t.BV, t.BV)
 
 
+def chunk_program_ids(t: Tiling):
+    """(chunk, batch, value head, q/k head, the chunk's rows) of this program of the (N, B*HV) grid
+    of the chunk-parallel Mosaic kernels."""
+    n, bh = lax.axis_index("n"), lax.axis_index("bh")
+    b, hv = bh // t.HV, bh % t.HV
+    return n, b, hv, hv // t.group, pl.ds(n * t.C, t.C)
+
+
+# ---- the chunk ring of the warp-specialised sweeps: a memory warpgroup keeps `stages` chunks of
+# q, k, one [C, BV] tile (v forward, dO backward), T and the gate rows in flight for two compute
+# warpgroups.
+
+def chunk_ring(t: Tiling, dt, has_docs: bool, stages: int):
+    """The ring's shared-memory buffers, each with a leading slot axis of `stages`."""
+    C = t.C
+    tiles = [tile((stages, *shape), dt) for shape in ((C, t.K), (C, t.K), (C, t.BV), (C, C))]
+    return tiles + [plgpu.SMEM((stages, C), jnp.float32)] * (3 + 2 * has_docs)
+
+
+def ring_srcs(q_ref, k_ref, x_ref, T_ref, G_ref, beta_ref, rel_ref, b, hv, h, vs):
+    """The whole-sequence sources of a program's ring, in chunk_ring's order (x: v or dO)."""
+    return [q_ref.at[b, :, h, :], k_ref.at[b, :, h, :], x_ref.at[b, :, hv, vs], T_ref.at[b, :, hv, :],
+            *gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]
+
+
+def ring_barriers(ring, stages: int):
+    """loaded (one arrival per TMA copy of a chunk) and consumed (both compute groups are done)."""
+    return [plgpu.Barrier(num_arrivals=len(ring), num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
+
+
+def ring_slot(ring, stages: int, i):
+    """(slot, that slot's views of the ring's buffers) of the i-th chunk handled."""
+    slot = i % stages
+    return slot, [buf.at[slot] for buf in ring]
+
+
+def ring_producer(srcs, ring, loaded, consumed, *, stages: int, N: int, C: int, reverse=False):
+    """The memory warpgroup's loop: the i-th chunk handled (chunk N-1-i with reverse) is copied
+    into its slot once both compute groups have released what that slot held."""
+    # 128 threads x (232 + 232 + 40) registers: the compute groups get what this group frees.
+    plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(0, N)
+    def _(i):
+        n = N - 1 - i if reverse else i
+        slot, dsts = ring_slot(ring, stages, i)
+
+        @pl.when(i >= stages)
+        def _():
+            plgpu.barrier_wait(consumed.at[slot])
+        for src, dst in zip(srcs, dsts):
+            plgpu.copy_gmem_to_smem(src.at[pl.ds(n * C, C)], dst, loaded.at[slot])
+
+
 class ChunkDecays:
     """The decays of one chunk in wgmma register layouts, from its G (in-chunk cumulative log-decay)
     and, with documents, rel (document index relative to the one the entering state belongs to),

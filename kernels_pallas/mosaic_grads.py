@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-from jax.experimental import pallas as pl
 
 from kernels_pallas.layout import Tiling
-from kernels_pallas.mosaic_common import (ChunkDecays, flat, gate_rows, gate_srcs, launch, mms, plgpu,
-                                          tile, unsupported_reason as _sweeps_unsupported)
+from kernels_pallas.mosaic_common import (ChunkDecays, chunk_program_ids, flat, gate_rows, gate_srcs,
+                                          launch, mms, plgpu, tile,
+                                          unsupported_reason as _sweeps_unsupported)
 
 
 def unsupported_reason(*, C, K, V, dtype) -> str | None:
@@ -49,10 +48,7 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
         dq_ref, dk_ref, dG_ref, dbeta_ref = refs[11 + has_docs:15 + has_docs]
         (q_s, k_s, dqk_s, y_s, s_s, ds_s, do_s, vn_s, tdvn_s, *gates), (out_s, dG_s, dbeta_s, bar) = \
             refs[15 + has_docs:-4], refs[-4:]
-        n, bh = lax.axis_index("n"), lax.axis_index("bh")
-        b, hv = bh // t.HV, bh % t.HV
-        h = hv // t.group
-        rows = pl.ds(n * C, C)
+        n, b, hv, h, rows = chunk_program_ids(t)
         srcs = [q_ref.at[b, rows, h, :], k_ref.at[b, rows, h, :], dqk_ref.at[b, rows, hv, :],
                 y_ref.at[b, rows, hv, :], s_ref.at[b, n, hv], ds_ref.at[b, n, hv],
                 do_ref.at[b, rows, hv, :], vn_ref.at[b, rows, hv, :], tdvn_ref.at[b, rows, hv, :],

@@ -19,10 +19,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 
 from kernels_pallas.layout import Tiling
-from kernels_pallas.mosaic_common import ChunkDecays, gate_rows, gate_srcs, launch, mms, plgpu, tile
+from kernels_pallas.mosaic_common import (ChunkDecays, chunk_program_ids, gate_rows, gate_srcs, launch,
+                                          mms, plgpu, tile)
 
 
 def prepare_T(k, g, beta, docs, t: Tiling):
@@ -40,10 +40,7 @@ def prepare_T(k, g, beta, docs, t: Tiling):
         T_ref = refs[3 + has_docs]
         k_s, *rest = refs[4 + has_docs:]
         gates, (xh, xl, ph, plo, out_s, bar) = rest[:-6], rest[-6:]
-        n, bh = lax.axis_index("n"), lax.axis_index("bh")
-        b, hv = bh // t.HV, bh % t.HV
-        h = hv // t.group
-        rows = pl.ds(n * C, C)
+        n, b, hv, h, rows = chunk_program_ids(t)
         srcs = [k_ref.at[b, rows, h, :], *[src.at[rows] for src in gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]]
         for src, dst in zip(srcs, [k_s, *gates]):
             plgpu.copy_gmem_to_smem(src, dst, bar)

@@ -26,8 +26,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.layout import Tiling
-from kernels_pallas.mosaic_common import (ChunkDecays, flat, gate_rows, gate_srcs, launch, mms, plgpu,
-                                          program_ids, tile)
+from kernels_pallas.mosaic_common import (ChunkDecays, chunk_ring, flat, gate_rows, launch,
+                                          mms, plgpu, program_ids, ring_barriers, ring_producer,
+                                          ring_slot, ring_srcs, tile)
+from kernels_pallas.mosaic_sweeps import reverse_chunk_tail
 
 
 def reverse_sweep_specialised(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str):
@@ -52,27 +54,12 @@ def reverse_sweep_specialised(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *
          loaded, consumed, loc_ready, loc_free, st_bar) = refs[n_in + 2 + 2 * full:]
         b, hv, h, vs = program_ids(t)
         wg = lax.axis_index("wg")
-        srcs = [q_ref.at[b, :, h, :], k_ref.at[b, :, h, :], do_ref.at[b, :, hv, vs], T_ref.at[b, :, hv, :],
-                *gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]
-
-        def stage(i):
-            slot = i % stages
-            return slot, [buf.at[slot] for buf in bufs]
+        srcs = ring_srcs(q_ref, k_ref, do_ref, T_ref, G_ref, beta_ref, rel_ref, b, hv, h, vs)
+        stage = lambda i: ring_slot(bufs, stages, i)
 
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-
-            @pl.loop(0, N)
-            def _(i):
-                n = N - 1 - i
-                slot, dsts = stage(i)
-
-                @pl.when(i >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[slot])
-                for src, dst in zip(srcs, dsts):
-                    plgpu.copy_gmem_to_smem(src.at[pl.ds(n * C, C)], dst, loaded.at[slot])
+            ring_producer(srcs, bufs, loaded, consumed, stages=stages, N=N, C=C, reverse=True)
 
         @pl.when(wg == 1)
         def _helper():
@@ -121,21 +108,11 @@ def reverse_sweep_specialised(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *
                 plgpu.barrier_wait(loc_ready)
                 loc = plgpu.load(loc_smem, layout=WGMMA)
                 plgpu.barrier_arrive(loc_free)
-                dvn_buf = dvn_smem.at[half]
-                dvn_buf[...] = (ch.row(ch.d_out, BV) * KdS + loc).astype(dt)
-                plgpu.commit_smem()
-                if full:
-                    plgpu.copy_smem_to_gmem(dvn_buf, dvn_out_ref.at[b, pl.ds(n * C, C), hv, vs],
-                                            commit_group=False)
-                    plgpu.commit_smem_to_gmem_group()
-                (Y,), beta_d_in = mms(((C, BV), [(T_s.T, dvn_buf)]),    # T^T dVnew
-                                       overlap=lambda: ch.beta(BV) * ch.row(ch.d_in, BV))
-                z_smem[...] = (-beta_d_in * Y).astype(dt)
-                plgpu.commit_smem()
-                (KZ,), dS_inter = mms(((K, BV), [(k_s.T, z_smem)]),
-                                       overlap=lambda: ch.d_chunk * dS + QtdO)
+                dvn_dst = dvn_out_ref.at[b, pl.ds(n * C, C), hv, vs] if full else None
+                dS = reverse_chunk_tail(ch, ch.row(ch.d_out, BV) * KdS + loc, dvn_smem.at[half], dvn_dst,
+                                        z_smem, k_s, T_s, dS, QtdO)
                 plgpu.barrier_arrive(consumed.at[slot])
-                return dS_inter + KZ
+                return dS
 
             dS = jax.lax.fori_loop(0, N, chunk, plgpu.load(st_smem, layout=WGMMA))
             plgpu.wait_smem_to_gmem(0)
@@ -144,17 +121,12 @@ def reverse_sweep_specialised(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *
             plgpu.copy_smem_to_gmem(st_smem, ds0_ref.at[b, hv, :, vs])
             plgpu.wait_smem_to_gmem(0)
 
-    tile_shapes = [(C, K), (C, K), (C, BV), (C, C)]
-    bufs = [tile((stages, *shape), dt) for shape in tile_shapes]
-    bufs += [plgpu.SMEM((stages, C), jnp.float32)] * (3 + 2 * has_docs)
-    barrier = lambda arrivals, n=None: (plgpu.Barrier(num_arrivals=arrivals) if n is None
-                                        else plgpu.Barrier(num_arrivals=arrivals, num_barriers=n))
+    bufs = chunk_ring(t, dt, has_docs, stages)
     scratch = [bufs, tile((2, K, BV), dt), tile((2, C, BV), dt), tile((C, BV), dt), tile((C, BV), dt),
                tile((C, C), dt), tile((C, BV), jnp.float32), tile((K, BV), jnp.float32),
-               barrier(len(bufs), stages),  # loaded: one arrival per TMA copy of a chunk
-               barrier(2, stages),          # consumed: the state and helper groups are done with it
-               barrier(1), barrier(1),      # loc handed over, and its buffer free again
-               barrier(1)]                  # the initial dS loaded
+               *ring_barriers(bufs, stages),
+               plgpu.Barrier(), plgpu.Barrier(),  # loc handed over, and its buffer free again
+               plgpu.Barrier()]                   # the initial dS loaded
     state = jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)
     out_type = ([jax.ShapeDtypeStruct((t.B, N, t.HV, K, V), dt),
                  jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), dt)] if full else []) + [state]

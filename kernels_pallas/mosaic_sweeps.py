@@ -29,8 +29,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.layout import Tiling
-from kernels_pallas.mosaic_common import (ChunkDecays, flat, gate_rows, gate_specs, gate_srcs, launch,
-                                          load_state, mms, plgpu, program_ids, spec, store_state, tile)
+from kernels_pallas.mosaic_common import (ChunkDecays, chunk_ring, flat, gate_rows, gate_specs, gate_srcs,
+                                          launch, load_state, mms, plgpu, program_ids, ring_barriers,
+                                          ring_producer, ring_slot, ring_srcs, spec, store_state, tile)
 
 
 def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out_dtype=None):
@@ -190,27 +191,12 @@ def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tilin
          loaded, consumed, s_ready, s_free, vn_ready, vn_free, st_bar) = scratch
         b, hv, h, vs = program_ids(t)
         wg = lax.axis_index("wg")
-        srcs = [q_ref.at[b, :, h, :], k_ref.at[b, :, h, :], v_ref.at[b, :, hv, vs], T_ref.at[b, :, hv, :],
-                *gate_srcs(G_ref, beta_ref, rel_ref, b, hv)]
+        srcs = ring_srcs(q_ref, k_ref, v_ref, T_ref, G_ref, beta_ref, rel_ref, b, hv, h, vs)
+        stage = lambda n: ring_slot(bufs, stages, n)
 
-        def stage(n):
-            slot = n % stages
-            return slot, [buf.at[slot] for buf in bufs]
-
-        # 128 threads x (232 + 232 + 40) registers: the compute groups get what the memory group frees.
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-
-            @pl.loop(0, N)
-            def _(n):
-                slot, dsts = stage(n)
-
-                @pl.when(n >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[slot])
-                for src, dst in zip(srcs, dsts):
-                    plgpu.copy_gmem_to_smem(src.at[pl.ds(n * C, C)], dst, loaded.at[slot])
+            ring_producer(srcs, bufs, loaded, consumed, stages=stages, N=N, C=C)
 
         @pl.when(wg == 0)
         def _state():
@@ -289,15 +275,12 @@ def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tilin
                 plgpu.copy_smem_to_gmem(o_buf.at[half], o_ref.at[b, pl.ds(n * C, C), hv, vs])
             plgpu.wait_smem_to_gmem(0)
 
-    tile_shapes = [(C, K), (C, K), (C, BV), (C, C)]
-    bufs = [tile((stages, *shape), dt) for shape in tile_shapes]
-    bufs += [plgpu.SMEM((stages, C), jnp.float32)] * (3 + 2 * has_docs)
-    barrier = lambda arrivals, n: plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)
+    bufs = chunk_ring(t, dt, has_docs, stages)
+    handover = plgpu.Barrier(num_arrivals=1, num_barriers=2)
     scratch = [bufs, tile((2, K, BV), dt), tile((2, C, BV), dt), tile((C, BV), dt), tile((C, C), dt),
                tile((2, C, BV), out_dtype), tile((K, BV), jnp.float32),
-               barrier(len(bufs), stages),  # loaded: one arrival per TMA copy of a chunk
-               barrier(2, stages),          # consumed: both compute groups are done with a chunk
-               barrier(1, 2), barrier(1, 2), barrier(1, 2), barrier(1, 2),  # S and Vnew handed over
+               *ring_barriers(bufs, stages),
+               handover, handover, handover, handover,  # S and Vnew handed over, and freed
                plgpu.Barrier()]
     args = [flat(q), flat(k), flat(v), flat(T), G, beta_rows] + ([rel] if has_docs else [])
     out_type = [jax.ShapeDtypeStruct((t.B, N * C, t.HV, V), out_dtype),
@@ -370,18 +353,8 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
             (loc,), dvn_inter = mms(((C, BV), [(pt_smem, do_s)]),
                                      overlap=lambda: ch.row(ch.d_out, BV) * KdS)
             dvn_buf = dvn_smem.at[slot] if full else dvn_smem
-            dvn_buf[...] = (dvn_inter + loc).astype(dt)
-            plgpu.commit_smem()
-            if full:
-                plgpu.copy_smem_to_gmem(dvn_buf, dvn_out_ref.at[b, pl.ds(n * C, C), hv, vs],
-                                        commit_group=False)
-                plgpu.commit_smem_to_gmem_group()
-            (Y,), beta_d_in = mms(((C, BV), [(T_s.T, dvn_buf)]),    # T^T dVnew
-                                   overlap=lambda: ch.beta(BV) * ch.row(ch.d_in, BV))
-            z_smem[...] = (-beta_d_in * Y).astype(dt)
-            plgpu.commit_smem()
-            (KZ,), dS_inter = mms(((K, BV), [(k_s.T, z_smem)]), overlap=lambda: ch.d_chunk * dS + QtdO)
-            return dS_inter + KZ
+            dvn_dst = dvn_out_ref.at[b, pl.ds(n * C, C), hv, vs] if full else None
+            return reverse_chunk_tail(ch, dvn_inter + loc, dvn_buf, dvn_dst, z_smem, k_s, T_s, dS, QtdO)
 
         rev = lambda i: (N - 1 - i, 0)
         in_specs = [spec((C, K), rev)] * 2 + [spec((C, BV), rev), spec((C, C), rev),
@@ -410,3 +383,23 @@ def reverse_sweep(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *, mode: str)
     if full:
         return outs[0], outs[1].reshape(t.B, N, C, *outs[1].shape[2:]), outs[2]
     return outs[0]
+
+
+def reverse_chunk_tail(ch, dvn, dvn_buf, dvn_dst, z_smem, k_s, T_s, dS, QtdO):
+    """The end of one reverse-sweep chunk, shared by both reverse sweeps: dVnew [C, BV] (float32
+    registers) into dvn_buf, and from there to dvn_dst when given (one TMA commit group); then
+    dS <- d_chunk dS + Q^T (scale d_in dO) - K^T (beta d_in (T^T dVnew)). Returns the new dS."""
+    C, BV = dvn.shape
+    K = dS.shape[0]
+    dt = dvn_buf.dtype
+    dvn_buf[...] = dvn.astype(dt)
+    plgpu.commit_smem()
+    if dvn_dst is not None:
+        plgpu.copy_smem_to_gmem(dvn_buf, dvn_dst, commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+    (Y,), beta_d_in = mms(((C, BV), [(T_s.T, dvn_buf)]),    # T^T dVnew
+                           overlap=lambda: ch.beta(BV) * ch.row(ch.d_in, BV))
+    z_smem[...] = (-beta_d_in * Y).astype(dt)
+    plgpu.commit_smem()
+    (KZ,), dS_inter = mms(((K, BV), [(k_s.T, z_smem)]), overlap=lambda: ch.d_chunk * dS + QtdO)
+    return dS_inter + KZ

@@ -130,6 +130,12 @@ def _grads(x, dtype, impl, seed, **launch):
     return jax.grad(loss, tuple(range(6)))(*args)
 
 
+def _assert_grads_close(grads, grads_ref, tol):
+    """Every gradient (q, k, v, g, beta, initial_state) within relative error tol of the reference."""
+    for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
+        assert rel_err(gp, gr) < tol, (name, rel_err(gp, gr))
+
+
 GRAD_CASES = {
     "gva_documents_ragged": dict(B=1, T=170, H=1, HV=2, K=64, V=64, num_docs=3),
     "non_pow2_heads_no_decay": dict(B=1, T=96, H=1, K=100, V=80, g_value=0.0),
@@ -164,8 +170,7 @@ def test_context_parallel_segments_equal_one_sweep(impl, dtype):
         assert rel_err(S, S_ref) < TOL[dtype][0], segments
     grads_ref = _grads(ref, jnp.float32, "scan", 20)
     grads = _grads(ref, dtype, impl, 20, segments=4)
-    for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
-        assert rel_err(gp, gr) < TOL[dtype][1], (name, rel_err(gp, gr))
+    _assert_grads_close(grads, grads_ref, TOL[dtype][1])
 
 
 def test_mosaic_warp_specialised_forward_matches_oracle():
@@ -191,8 +196,7 @@ def test_mosaic_forward_keeping_residuals_gives_the_scan_gradients(warpgroups):
     grads_ref = _grads(x, jnp.float32, "scan", 25)
     grads = _grads(x, BF16, "pallas_mosaic", 25, keep_residuals=True, mosaic_warpgroups=warpgroups,
                    segments=1)
-    for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
-        assert rel_err(gp, gr) < TOL[BF16][1], (name, rel_err(gp, gr))
+    _assert_grads_close(grads, grads_ref, TOL[BF16][1])
 
 
 ALL_MOSAIC_KNOBS = dict(mosaic_warpgroups=2, reverse_warpgroups=2, key_grads="fused",
@@ -230,8 +234,7 @@ def test_all_mosaic_kernels_together_with_segments():
                                      num_docs=3), BF16)
     grads_ref = _grads(x, jnp.float32, "scan", 33)
     grads = _grads(x, BF16, "pallas_mosaic", 33, **{**ALL_MOSAIC_KNOBS, "segments": 2})
-    for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
-        assert rel_err(gp, gr) < TOL[BF16][1], (name, rel_err(gp, gr))
+    _assert_grads_close(grads, grads_ref, TOL[BF16][1])
 
 
 def test_mosaic_prepare_matches_the_triton_inverse_and_the_op_matches_scan():
@@ -252,8 +255,7 @@ def test_mosaic_prepare_matches_the_triton_inverse_and_the_op_matches_scan():
     assert rel_err(T_mosaic, T_triton) < 5e-3, rel_err(T_mosaic, T_triton)
     grads_ref = _grads(ref, jnp.float32, "scan", 29)
     grads = _grads(ref, BF16, "pallas_mosaic", 29, mosaic_prepare=True, segments=1)
-    for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
-        assert rel_err(gp, gr) < TOL[BF16][1], (name, rel_err(gp, gr))
+    _assert_grads_close(grads, grads_ref, TOL[BF16][1])
 
 
 def test_mosaic_warp_specialised_reverse_sweep_gives_the_scan_gradients():
@@ -281,8 +283,7 @@ def test_mosaic_gradient_kernels_match_scan(case, key_grads):
     _, x = _rounded(random_op_inputs(22, with_state=True, **opts), BF16)
     grads_ref = _grads(x, jnp.float32, "scan", 23)
     grads = _grads(x, BF16, "pallas_mosaic", 23, key_grads=key_grads, segments=1)
-    for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
-        assert rel_err(gp, gr) < TOL[BF16][1], (name, rel_err(gp, gr))
+    _assert_grads_close(grads, grads_ref, TOL[BF16][1])
 
 
 def test_triton_gradients_with_several_key_and_value_tiles():

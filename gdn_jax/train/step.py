@@ -60,7 +60,7 @@ class StepSpec:
     batch_spec: Any  # PartitionSpec of the [G, T] batch arrays
     manual_axes: tuple[str, ...] = mesh_lib.STEP_AXES  # the mesh axes device_gradients runs over
     grad_reduce_dtype: Any = jnp.float32  # dtype gradients cross devices in
-    loss: str = "plain"  # key of gdn_jax.losses.LM_LOSSES
+    loss: str = "fused"  # key of gdn_jax.losses.LM_LOSSES (train.loss)
     loss_chunk_tokens: int = 4096  # the fused loss's tokens per logits chunk
 
 
