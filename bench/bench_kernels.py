@@ -5,7 +5,7 @@ chunk path, FLA's Triton kernels and FlashQLA, at the same shapes in one process
         [--variants triton,mosaic,mosaic-p4] [--iters 30] [--flashqla-site DIR] [--out DIR]
 
 For each shape (B, T, H, HV, K, V) in bf16 it
-  1. checks the first variant of each backend against the chunk path run in float32 at HIGHEST
+  1. checks the first variant of each backend (every variant with --check-all) against the chunk path run in float32 at HIGHEST
      precision (forward output, final state, and all five input gradients under a random cotangent);
   2. times forward and forward+backward (median over --iters after warm-up) for every variant, for
      chunk, for FLA's chunk_gated_delta_rule (FLA_FLASH_QLA=0: its own Triton kernels) and, given
@@ -101,7 +101,7 @@ def time_jax(f, args, iters):
 
 
 def compile_stats(f, args):
-    """(seconds to lower and compile, XLA's temp allocation in MiB)."""
+    """(seconds to lower and compile, XLA's temp allocation in MiB, the compiled executable)."""
     t0 = time.perf_counter()
     compiled = f.lower(*args).compile()
     seconds = time.perf_counter() - t0
@@ -109,7 +109,7 @@ def compile_stats(f, args):
         mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
     except Exception:  # memory analysis is best-effort across jax versions
         mib = float("nan")
-    return seconds, mib
+    return seconds, mib, compiled
 
 
 def rel(a, b):
@@ -117,12 +117,17 @@ def rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
 
-def check(fn, args, dO):
-    """Relative errors of fn (bf16 inputs) against chunk in float32 at HIGHEST precision."""
+def reference(args, dO):
+    """chunk in float32 at HIGHEST precision: (o, S, grads), the yardstick of check."""
     with jax.default_matmul_precision("highest"):
         ref_args = [a.astype(jnp.float32) for a in args]
         o_ref, S_ref = jax.jit(chunk_fn)(*ref_args)
-        g_ref = fwd_and_grad(chunk_fn, dO)[1](*ref_args)
+        return o_ref, S_ref, fwd_and_grad(chunk_fn, dO)[1](*ref_args)
+
+
+def check(fn, args, dO, ref):
+    """Relative errors of fn (bf16 inputs) against ref = reference(args, dO)."""
+    o_ref, S_ref, g_ref = ref
     o, S = jax.jit(fn)(*args)
     grads = fwd_and_grad(fn, dO)[1](*args)
     errs = {"o": rel(o, o_ref), "S": rel(S, S_ref)}
@@ -320,7 +325,11 @@ def main():
     p.add_argument("--shapes", default="all", help=f"comma list of {list(SHAPES)} or 'all'")
     p.add_argument("--variants", default="triton,mosaic", help="see parse_variants")
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time all variants this many times, interleaved; report the median round")
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--check-all", action="store_true",
+                   help="check every variant, not only the first of each backend")
     p.add_argument("--features", action="store_true",
                    help="also check GVA, documents, initial state and non-pow2 heads against scan")
     p.add_argument("--no-chunk", action="store_true", help="skip timing the plain-XLA chunk path")
@@ -349,25 +358,41 @@ def main():
     for name in names:
         shape = {**SHAPES, **SMOKE, **PADDED}[name]
         inputs, dO = make_inputs(shape)
-        row = {"shape": name, "dims": shape, "errors": {}, "compile_s": {}}
-        checked = set()
+        row = {"shape": name, "dims": shape, "errors": {}, "compile_s": {}, "spread": {}}
+        checked, ref, timers = set(), None, {}
         for vname, launch in variants:
             try:  # one variant failing to compile (e.g. out of registers) must not end the run
-                if not args.no_check and launch["sweeps"] not in checked:
+                if not args.no_check and (args.check_all or launch["sweeps"] not in checked):
                     checked.add(launch["sweeps"])
-                    row["errors"][vname] = check(pallas_fn(**launch), inputs, dO)
+                    ref = ref if ref is not None else reference(inputs, dO)
+                    row["errors"][vname] = check(pallas_fn(**launch), inputs, dO, ref)
                     print(name, vname, "errors vs f32 chunk:", row["errors"][vname], flush=True)
-                if args.breakdown and all(d & (d - 1) == 0 for d in shape[4:]):  # 2^n head dims
+                if (args.breakdown or args.breakdown_only) and all(d & (d - 1) == 0 for d in shape[4:]):
                     print(name, vname, "breakdown ms:", breakdown(shape, launch, args.iters), flush=True)
                 if args.breakdown_only:
                     continue
                 fwd, grad = fwd_and_grad(pallas_fn(**launch), dO)
-                seconds, mib = compile_stats(grad, inputs)
+                seconds, mib, grad = compile_stats(grad, inputs)
                 row["compile_s"][vname] = round(seconds, 1)
-                row[vname] = (time_jax(fwd, inputs, args.iters), time_jax(grad, inputs, args.iters), mib)
-                print(name, vname, row[vname], f"compile {seconds:.1f} s", flush=True)
+                timers[vname] = (fwd, grad, mib)
             except Exception as e:
                 print(name, vname, "FAILED:", repr(e)[:3000], flush=True)
+        # Interleaved rounds: the machine drifts by ~10% over a run, so every variant is timed once
+        # per round and each reports the median over rounds, with the rounds' spread.
+        times = {vname: [] for vname in timers}
+        for r in range(args.rounds):
+            for vname, (fwd, grad, mib) in timers.items():
+                try:
+                    times[vname].append((time_jax(fwd, inputs, args.iters), time_jax(grad, inputs, args.iters)))
+                except Exception as e:
+                    print(name, vname, "FAILED:", repr(e)[:3000], flush=True)
+                    continue
+                if r == args.rounds - 1:
+                    fs, gs = zip(*times[vname])
+                    row[vname] = (statistics.median(fs), statistics.median(gs), mib)
+                    row["spread"][vname] = round((max(gs) - min(gs)) / statistics.median(gs), 3)
+                    print(name, vname, row[vname], f"compile {row['compile_s'][vname]:.1f} s, "
+                          f"fwd+bwd over {len(gs)} rounds {min(gs):.3f}-{max(gs):.3f}", flush=True)
         if not args.no_chunk:
             fwd, grad = fwd_and_grad(chunk_fn, dO)
             row["chunk"] = (time_jax(fwd, inputs, args.iters), time_jax(grad, inputs, args.iters),

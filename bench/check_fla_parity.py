@@ -7,8 +7,9 @@
 1. FLA builds GatedDeltaNetForCausalLM(config) with random weights (every tensor redrawn, as in
    bench/make_fla_fixtures.py), saves it with save_pretrained (float32) and computes its logits on
    random tokens with the chunk kernel.
-2. gdn_jax imports the directory (load_fla_checkpoint, float32, impl "auto": Pallas on a GPU) and
-   computes the logits of the same tokens: import error = |ours - FLA| / |FLA| (Frobenius).
+2. gdn_jax imports the directory (load_fla_checkpoint, float32, each impl of --gdn_impls; "auto" is
+   Pallas on a GPU) and computes the logits of the same tokens: import error = |ours - FLA| / |FLA|
+   (Frobenius).
 3. gdn_jax exports its model (save_fla_checkpoint); FLA loads that directory with
    AutoModelForCausalLM.from_pretrained and computes the logits again: export error against
    FLA's first logits (0 when the round trip is exact) and against ours.
@@ -45,6 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gdn_impls", default="auto",
+                   help="comma list of gated_delta_rule impls to import with (each its own import "
+                        "error; the first is exported), e.g. chunk,auto")
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
 
@@ -102,10 +106,19 @@ def main(argv=None) -> int:
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
-        progress("gdn_jax: load_fla_checkpoint and logits")
-        cfg, ours_model = load_fla_checkpoint(src, dtype="float32")
-        ours = np.asarray(jax.device_get(ours_model(jnp.asarray(tokens.numpy(), jnp.int32))))
-        results["import_rel_err"] = rel(ours, ref)
+        results["import_rel_err_by_impl"] = {}
+        for i, impl in enumerate(args.gdn_impls.split(",")):
+            progress(f"gdn_jax: load_fla_checkpoint (gdn_impl={impl})")
+            cfg_i, model_i = load_fla_checkpoint(src, dtype="float32", gdn_impl=impl)
+            progress(f"gdn_jax: logits (gdn_impl={impl})")
+            logits = np.asarray(jax.device_get(model_i(jnp.asarray(tokens.numpy(), jnp.int32))))
+            results["import_rel_err_by_impl"][impl] = err = rel(logits, ref)
+            progress(f"gdn_jax: import rel err {err:.2e} (gdn_impl={impl})")
+            if i == 0:
+                cfg, ours_model, ours = cfg_i, model_i, logits
+                results["import_rel_err"] = err
+            else:
+                del model_i
         progress("gdn_jax: save_fla_checkpoint")
         save_fla_checkpoint(ours_model, cfg, out)
         del ours_model

@@ -5,13 +5,14 @@
 # is printed at the end. Every step has its own timeout, so one that hangs cannot take the call.
 #
 #   bash bench/gpu_pending.sh kernels      # issue 10: the Mosaic kernels written without a GPU
+#   bash bench/gpu_pending.sh breakdown    # issue 10: per-kernel times of every Mosaic variant
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
 #   bash bench/gpu_pending.sh generation   # issue 11: B = 16 / 256, prefill 4K / 32K, gdn_1.3b
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1; issue 13: gdn_1.3b step
 #   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA at the K = 128 shapes, same run
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh kernels|parity|generation|scale|lm_eval|flashqla"}
+part=${1:?"usage: bash bench/gpu_pending.sh kernels|breakdown|parity|generation|scale|lm_eval|flashqla"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -29,12 +30,21 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a timeout, logging t
 
 case $part in
 kernels)
-    step kernels 540 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
-        --shapes h16k128,qwen3next,t16k --iters 30 --no-chunk --no-fla --breakdown \
-        --variants mosaic,mosaic-fkg,mosaic-kr1,mosaic-rw2,mosaic-mp1,mosaic-fkgkr1rw2mp1,mosaic-mkg ;;
+    v=mosaic,mosaic-fkg,mosaic-rw2,mosaic-fkgrw2,mosaic-fkgkr1rw2
+    step kernels_check 200 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes h16k128 --iters 30 --no-chunk --no-fla --check-all --breakdown-only --variants $v
+    step kernels_time 360 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
+        python3 bench/bench_kernels.py --shapes h16k128,qwen3next,t16k --iters 20 --rounds 3 \
+        --no-chunk --no-check --variants $v ;;
+breakdown)
+    step breakdown 200 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes h16k128 --iters 30 --no-check --no-chunk --no-fla --breakdown-only \
+        --variants mosaic,mosaic-fkg,mosaic-rw2,mosaic-mp1,mosaic-mkg,triton ;;
 parity)
-    step parity 540 env FLA_FLASH_QLA=0 python3 bench/check_fla_parity.py --batch 1 --seq_len 2048 \
-        --out "$out/parity_1p3b.json" ;;
+    # FLA's float32 logits took 130 s (Triton compiles); our Pallas path at float32 and K = 256 had
+    # not finished compiling 4 minutes later (2026-12-03), so chunk goes first.
+    step parity 580 env FLA_FLASH_QLA=0 python3 bench/check_fla_parity.py --batch 1 --seq_len 2048 \
+        --gdn_impls chunk,auto --out "$out/parity_1p3b.json" ;;
 generation)
     step generation 560 python3 bench/generate_throughput.py --configs fla_gdn_1.3b,gdn_1.3b \
         --batches 1,16,64,256 --variants loop,fused --prefill 4096,32768 --iters 2 ;;
