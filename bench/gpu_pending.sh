@@ -7,7 +7,7 @@
 #   bash bench/gpu_pending.sh kernels      # issue 10: the Mosaic kernels written without a GPU
 #   bash bench/gpu_pending.sh breakdown    # issue 10: per-kernel times of every Mosaic variant
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
-#   bash bench/gpu_pending.sh generation   # issue 11: B = 16 / 256, prefill 4K / 32K, gdn_1.3b
+#   bash bench/gpu_pending.sh generation   # issue 11: FLA same run, gdn_1.3b, S-NIAH wall time
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1; issue 13: gdn_1.3b step
 #   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA at the K = 128 shapes, same run
@@ -46,8 +46,13 @@ parity)
     step parity 580 env FLA_FLASH_QLA=0 python3 bench/check_fla_parity.py --batch 1 --seq_len 2048 \
         --gdn_impls chunk,auto --out "$out/parity_1p3b.json" ;;
 generation)
-    step generation 560 python3 bench/generate_throughput.py --configs fla_gdn_1.3b,gdn_1.3b \
-        --batches 1,16,64,256 --variants loop,fused --prefill 4096,32768 --iters 2 ;;
+    # Each row prints as it completes, so a step that runs out of time still leaves its rows.
+    step gen_fla 330 env FLA_FLASH_QLA=0 python3 bench/generate_throughput.py --configs fla_gdn_1.3b \
+        --batches 1,16,64,256 --variants fused,loop --prefill 4096,32768 --iters 2
+    step gen_gdn 110 python3 bench/generate_throughput.py --configs gdn_1.3b --batches 1,64 \
+        --variants fused --prefill 4096 --iters 2 --no-fla
+    step niah_walltime 130 python3 bench/niah_walltime.py --preset fla_gdn_1.3b \
+        --out "$out/niah_walltime.json" ;;
 scale)
     step longest_seq 330 python3 bench/longest_seq.py --timeout 100 --max_trials 3
     step train_gdn_1p3b 230 python3 bench/train_throughput.py --config gdn_1.3b --steps 8 ;;

@@ -303,3 +303,23 @@ def test_bench_smoke_run_prints_its_tables(capsys):
     ms, tok_s, gen_ms, floor_ms = (float(x.replace(",", "")) for x in row.split("|")[4:8])
     assert 0 < ms < 1e3 and abs(tok_s - 1e3 / ms) < 0.01 * tok_s and gen_ms > 0 and floor_ms > 0
     assert "| tiny | 32 |" in out
+
+
+def test_niah_bench_before_path_decodes_like_generate():
+    """bench/niah_walltime.py's "before" path (Python loop of decode_step on the float32 model) must
+    produce the tokens generate() does on the same float32 model, else its wall time compares
+    different work; and it keeps emitting EOS once a row has."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    import niah_walltime
+
+    model = lm("tiny", init_std=0.5)
+    prompt = np.asarray(jax.random.randint(jax.random.key(3), (3, 12), 0, model.cfg.vocab_size))
+    fast = np.asarray(G.generate(model, prompt, max_new_tokens=9, temperature=0.0))
+    slow = niah_walltime.python_loop_generate_fn(model)(prompt, 9)
+    np.testing.assert_array_equal(slow, fast)
+    eos = int(fast[0, 2])
+    with_eos = niah_walltime.python_loop_generate_fn(model)(prompt, 9, eos_id=eos)
+    np.testing.assert_array_equal(with_eos,
+                                  np.asarray(G.generate(model, prompt, max_new_tokens=9, temperature=0.0,
+                                                        eos_id=eos)))
+    assert (with_eos[0, 2:] == eos).all()
