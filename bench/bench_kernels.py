@@ -44,6 +44,7 @@ SHAPES = {  # (B, T, H, HV, K, V)
     "paper1.3b": (4, 4096, 9, 9, 200, 400),
     "h6k256v512": (2, 4096, 6, 6, 256, 512),
     "qwen3next": (2, 4096, 16, 32, 128, 128),  # Qwen3-Next's GVA layer
+    "fla1.3b": (4, 4096, 6, 6, 256, 512),  # the fla_gdn_1.3b training step's layer (21 per step)
 }
 SMOKE = {"tiny": (1, 256, 1, 2, 64, 64)}  # for trying the script itself (CPU, interpret mode)
 PADDED = {"paper1.3b_padded": (4, 4096, 9, 9, 256, 512)}  # what the kernels see of paper1.3b

@@ -6,13 +6,14 @@
 #
 #   bash bench/gpu_pending.sh kernels      # issue 10: the Mosaic kernels written without a GPU
 #   bash bench/gpu_pending.sh breakdown    # issue 10: per-kernel times of every Mosaic variant
+#   bash bench/gpu_pending.sh k256         # issue 10/13: Triton knobs at K = 256 (1.3B layers)
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
 #   bash bench/gpu_pending.sh generation   # issue 11: FLA same run, gdn_1.3b, S-NIAH wall time
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1; issue 13: gdn_1.3b step
 #   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA at the K = 128 shapes, same run
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh kernels|breakdown|parity|generation|scale|lm_eval|flashqla"}
+part=${1:?"usage: bash bench/gpu_pending.sh kernels|breakdown|k256|parity|generation|scale|lm_eval|flashqla"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -40,6 +41,15 @@ breakdown)
     step breakdown 200 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
         --shapes h16k128 --iters 30 --no-check --no-chunk --no-fla --breakdown-only \
         --variants mosaic,mosaic-fkg,mosaic-rw2,mosaic-mp1,mosaic-mkg,triton ;;
+k256)
+    # K = 256: the fla_gdn_1.3b training layer (21 of them are ~a quarter of its step) and the
+    # paper layer, where the Triton backend is the default and behind FLA.
+    step k256_breakdown 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes fla1.3b --iters 20 --no-check --no-chunk --no-fla --breakdown-only \
+        --variants triton,triton-x8,triton-bv64,mosaic
+    step k256_time 400 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
+        python3 bench/bench_kernels.py --shapes fla1.3b,paper1.3b --iters 20 --rounds 2 --no-chunk \
+        --variants triton,triton-x8,triton-bv64,triton-bv64x8,triton-y1,triton-p2,mosaic,mosaic-fkg ;;
 parity)
     # FLA's float32 logits took 130 s (Triton compiles); our Pallas path at float32 and K = 256 had
     # not finished compiling 4 minutes later (2026-12-03), so chunk goes first.
