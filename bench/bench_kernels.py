@@ -5,11 +5,14 @@ chunk path, FLA's Triton kernels and FlashQLA, at the same shapes in one process
         [--variants triton,mosaic,mosaic-p4] [--iters 30] [--flashqla-site DIR] [--out DIR]
 
 For each shape (B, T, H, HV, K, V) in bf16 it
-  1. checks the first variant of each backend (every variant with --check-all) against the chunk path run in float32 at HIGHEST
-     precision (forward output, final state, and all five input gradients under a random cotangent);
-  2. times forward and forward+backward (median over --iters after warm-up) for every variant, for
-     chunk, for FLA's chunk_gated_delta_rule (FLA_FLASH_QLA=0: its own Triton kernels) and, given
-     --flashqla-site (an unpacked FlashQLA + TileLang), for flash_qla.chunk_gated_delta_rule;
+  1. checks the first variant of each backend (every variant with --check-all) against the chunk
+     path run in float32 at HIGHEST precision (forward output, final state, and all five input
+     gradients under a random cotangent);
+  2. times forward and forward+backward (median over batches of 10 back-to-back calls, --iters
+     calls in all, after warm-up; --rounds R interleaves R such timings of every variant) for
+     every variant, for chunk, for FLA's chunk_gated_delta_rule (FLA_FLASH_QLA=0: its own Triton
+     kernels) and, given --flashqla-site (an unpacked FlashQLA + TileLang), for
+     flash_qla.chunk_gated_delta_rule (both with triton.testing.do_bench: CUDA events, median);
   3. reports the compile time of each variant's jitted forward+backward, and peak extra device memory
      (XLA's temp allocation; for FLA torch's max_memory_allocated above the inputs).
 The last lines are a table with each variant's ratios against FLA and FlashQLA (above 1: ours faster).
@@ -91,13 +94,21 @@ def fwd_and_grad(fn, dO):
     return fwd, grad
 
 
-def time_jax(f, args, iters):
+def time_jax(f, args, iters, per_batch=10):
+    """Milliseconds per call of f: the median over batches of per_batch calls issued back to back
+    (one sync per batch), so the host's dispatch and sync overlap the device's work, as they do in
+    a training step; before 2026-12-03 (second session) every call was synced alone, which added
+    ~0.01-0.1 ms per call."""
     jax.block_until_ready(f(*args))
+    per_batch = max(1, min(per_batch, iters))
     times = []
-    for _ in range(iters):
+    for _ in range(max(3, iters // per_batch)):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
+        for _ in range(per_batch):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / per_batch)
+        del out
     return statistics.median(times) * 1e3
 
 

@@ -10,10 +10,11 @@
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
 #   bash bench/gpu_pending.sh generation   # issue 11: FLA same run, gdn_1.3b, S-NIAH wall time
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1; issue 13: gdn_1.3b step
+#   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope
 #   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA at the K = 128 shapes, same run
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh kernels|breakdown|k256|parity|generation|scale|lm_eval|flashqla"}
+part=${1:?"usage: bash bench/gpu_pending.sh kernels|breakdown|k256|parity|generation|scale|train_profile|lm_eval|flashqla"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -65,7 +66,11 @@ generation)
         --out "$out/niah_walltime.json" ;;
 scale)
     step longest_seq 330 python3 bench/longest_seq.py --timeout 100 --max_trials 3
-    step train_gdn_1p3b 230 python3 bench/train_throughput.py --config gdn_1.3b --steps 8 ;;
+    step train_gdn_1p3b 200 python3 bench/train_throughput.py --config gdn_1.3b --steps 8 ;;
+train_profile)
+    # issue 13: where the fla_gdn_1.3b step's time goes, by model scope (forward and backward)
+    step train_profile 400 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 4 \
+        --profile /tmp/prof ;;
 lm_eval)
     step train_tiny 120 python3 train.py --workdir /tmp/runs/tiny --steps 300
     step lm_eval 420 env FLA_FLASH_QLA=0 python3 bench/lm_eval_check.py --workdir /tmp/runs/tiny \

@@ -111,7 +111,58 @@ def communication_times(planes) -> list[tuple[float, float]]:
     return out
 
 
-def summarize(trace_dir: str, steps: int, top: int = 12, step_ms: float | None = None) -> str:
+# ---- where in the model: HLO op names -> named scopes ---------------------------------------------
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([^\s=]+) = [^\n]*?metadata=\{[^}\n]*?op_name="([^"]*)"', re.M)
+_WRAPPED = re.compile(r"^([\w-]+)\((.*)\)$")
+# Path parts that are control flow or transformations, not places in the model.
+_STRUCTURAL = {"while", "body", "cond", "closed_call", "remat", "checkpoint", "custom_jvp_call",
+               "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map", "scan", "vmap", "core_call"}
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """{instruction name: its metadata op_name} of a compiled HLO module's text. A fusion carries
+    its root's op_name, so a profiled op's name leads to the jax.named_scope it came from."""
+    return {name.lstrip("%"): op for name, op in _INSTRUCTION.findall(hlo_text)}
+
+
+def scope_of(op_name: str, depth: int = 2) -> str:
+    """The model place of an op_name: its first `depth` named scopes, without jit wrappers,
+    transformations, control flow or einsum specs; ops of the backward pass (under transpose) get
+    " (bwd)". "jit(step)/transpose(jvp(block))/mlp/dot_general" -> "block/mlp (bwd)".
+    A fusion carries its root op's name, so the ops fused into it count where the root is."""
+    kept, backward = [], False
+    for part in op_name.split("/")[:-1]:  # the last part is the primitive
+        while (m := _WRAPPED.match(part)):
+            wrapper, part = m.groups()
+            backward |= wrapper == "transpose"
+            if wrapper in ("jit", "pjit"):
+                part = ""
+        if part and part not in _STRUCTURAL and "->" not in part:
+            kept.append(part)
+    return ("/".join(kept[:depth]) or "(no scope)") + (" (bwd)" if backward else "")
+
+
+def scope_table(ops: dict[str, float], op_names: dict[str, str], steps: int, top: int = 30) -> str:
+    """GPU ms per step by model scope (scope_of), split into matmuls and the rest."""
+    rows = collections.defaultdict(lambda: [0.0, 0.0])
+    for name, ms in ops.items():
+        op = op_names.get(name)
+        scope = "(not in the HLO)" if op is None else scope_of(op)
+        matmul = group_of(name) == GROUPS[1][0] or (op or "").endswith("dot_general")
+        rows[scope][0 if matmul else 1] += ms
+    total = sum(ops.values())
+    lines = [f"  by scope (jax.named_scope; top {top}):{'matmul ms':>27}{'other ms':>11}{'share':>8}"]
+    for scope, (mm, other) in sorted(rows.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        lines.append(f"    {scope[:50]:<50}{mm / steps:9.2f}{other / steps:11.2f}"
+                     f"{100 * (mm + other) / total:7.1f} %")
+    return "\n".join(lines)
+
+
+def summarize(trace_dir: str, steps: int, top: int = 12, step_ms: float | None = None,
+              hlo_text: str | None = None) -> str:
+    """Device time per op group (and, given the compiled step's HLO text, per model scope) of a
+    trace of `steps` steps."""
     ops = op_times(trace_dir)
     if not ops:
         return "profile: no GPU 'XLA Ops' events in the trace (not a GPU run?)"
@@ -125,6 +176,8 @@ def summarize(trace_dir: str, steps: int, top: int = 12, step_ms: float | None =
     lines.append(f"  top {top} ops:")
     for name, ms in collections.Counter(ops).most_common(top):
         lines.append(f"    {name[:60]:<60}{ms / steps:9.2f} ms  {100 * ms / total:5.1f} %")
+    if hlo_text is not None:
+        lines.append(scope_table(ops, hlo_op_names(hlo_text), steps))
     comm = communication_times(_gpu_planes(trace_dir))
     if comm:
         kernel = sum(c for c, _ in comm) / len(comm) / steps

@@ -16,9 +16,10 @@ those axes; compare tokens/s per device with the 1-GPU run.
 Collectives overlap computation through the XLA flags of gdn_jax/xla_flags.py, set here as in
 train.py; --no_overlap_flags leaves them out (the step as before they existed). --grad_reduce_dtype
 bfloat16 reduces gradients in bf16. --collectives prints the compiled step's collectives (count and
-bytes per kind and dtype). --profile DIR traces 3 more steps and prints GPU time per op group and the
-exposed communication: collective kernel time during which no compute kernel ran
-(bench/profile_summary.py).
+bytes per kind and dtype). --profile DIR traces 3 more steps and prints GPU time per op group, per model
+scope (the model's jax.named_scope names: block/GatedDeltaNet/short_conv, loss, optimizer, ...,
+forward and backward apart) and the exposed communication: collective kernel time during which no
+compute kernel ran (bench/profile_summary.py).
 
 Batches are random tokens (one document per row) already on the devices, so only the step is
 timed. MFU = tokens/s x 6N / (devices x peak), N = parameter count, peak = 989 TFLOP/s bf16 dense
@@ -173,7 +174,9 @@ def main():
                 state, m = trainer.step_fn(state, rest, batch)
             jax.block_until_ready(m["loss"])
         if jax.process_index() == 0:
-            print(profile_summary.summarize(args.profile, steps=3, step_ms=dt * 1e3))
+            # The op names of the compiled step lead each profiled op to its jax.named_scope.
+            text = trainer.lower_fn(state, rest, batch).compile().as_text()
+            print(profile_summary.summarize(args.profile, steps=3, step_ms=dt * 1e3, hlo_text=text))
 
 
 if __name__ == "__main__":

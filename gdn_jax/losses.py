@@ -109,8 +109,9 @@ def plain_lm_loss_sum(model, tokens_BxT, targets_BxT, mask_BxT, model_kwargs, *,
     """sum of masked token cross-entropies from the model's whole float32 [B, T, V] logits."""
     del chunk_tokens
     logits_BxTxV = model(tokens_BxT, **model_kwargs).astype(jnp.float32)
-    ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
-    return jnp.sum(ce_BxT * mask_BxT)
+    with jax.named_scope("loss"):
+        ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+        return jnp.sum(ce_BxT * mask_BxT)
 
 
 def fused_lm_loss_sum(model, tokens_BxT, targets_BxT, mask_BxT, model_kwargs, *, chunk_tokens):
@@ -118,9 +119,10 @@ def fused_lm_loss_sum(model, tokens_BxT, targets_BxT, mask_BxT, model_kwargs, *,
     logits exist chunk_tokens rows at a time, in float32, with matmuls in the model's dtype."""
     h_BxTxD = model.features(tokens_BxT, **model_kwargs)
     D = h_BxTxD.shape[-1]
-    return fused_cross_entropy_sum(h_BxTxD.reshape(-1, D), model.head_weight(),
-                                   targets_BxT.reshape(-1), mask_BxT.reshape(-1),
-                                   chunk_tokens=chunk_tokens, compute_dtype=model.dtype)
+    with jax.named_scope("loss"):  # head matmuls included: the fused loss forms the logits
+        return fused_cross_entropy_sum(h_BxTxD.reshape(-1, D), model.head_weight(),
+                                       targets_BxT.reshape(-1), mask_BxT.reshape(-1),
+                                       chunk_tokens=chunk_tokens, compute_dtype=model.dtype)
 
 
 # train.loss names one of these (configs/experiment.py validates the name; the step looks it up).

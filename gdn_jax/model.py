@@ -52,10 +52,18 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, std=cfg.init_std, dtype=dt, rngs=rngs)
 
     def __call__(self, h_BxTxD, segment_ids=None, positions=None, cache_len=None):
-        y, cache = self.mixer(self.mixer_norm(h_BxTxD), segment_ids=segment_ids,
-                              positions=positions, cache_len=cache_len)
+        # Named scopes label the compiled ops for profiles (bench/profile_summary.py); no effect
+        # on what is computed.
+        with jax.named_scope("mixer_norm"):
+            x = self.mixer_norm(h_BxTxD)
+        with jax.named_scope(type(self.mixer).__name__):
+            y, cache = self.mixer(x, segment_ids=segment_ids, positions=positions,
+                                  cache_len=cache_len)
         h_BxTxD = h_BxTxD + y.astype(jnp.float32)
-        h_BxTxD = h_BxTxD + self.mlp(self.mlp_norm(h_BxTxD)).astype(jnp.float32)
+        with jax.named_scope("mlp_norm"):
+            x = self.mlp_norm(h_BxTxD)
+        with jax.named_scope("mlp"):
+            h_BxTxD = h_BxTxD + self.mlp(x).astype(jnp.float32)
         return h_BxTxD, cache
 
     def step(self, h_BxD, cache, *, pos, t):
@@ -106,7 +114,8 @@ class LM(nnx.Module):
         return self.lm_head[...].astype(self.dtype)
 
     def _logits(self, h):
-        x = self.final_norm(h)
+        with jax.named_scope("final_norm"):
+            x = self.final_norm(h)
         return jnp.einsum("...d,dv->...v", x, self.head_weight(), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -116,14 +125,17 @@ class LM(nnx.Module):
         """The final-normed hidden states [B, T, D] the head reads: `model(tokens)` equals
         `features(tokens) @ head_weight()` in float32. The fused LM loss (gdn_jax/losses.py) starts
         here, so the [B, T, V] logits never exist whole."""
-        return self.final_norm(self._trunk(tokens_BxT, segment_ids))
+        h = self._trunk(tokens_BxT, segment_ids)
+        with jax.named_scope("final_norm"):
+            return self.final_norm(h)
 
     def _trunk(self, tokens_BxT, segment_ids):
         B, T = tokens_BxT.shape
         # Per device over the context axis (the train step) a document's count carries over.
         positions = context_parallel.continue_positions(
             positions_from_segments(segment_ids, B, T), segment_ids)
-        h = self._embed(tokens_BxT)
+        with jax.named_scope("embed"):
+            h = self._embed(tokens_BxT)
         if self.cfg.remat == "none":
             block_fn = _block_forward
         else:

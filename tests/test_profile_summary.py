@@ -38,3 +38,55 @@ def test_hlo_collectives_sum_arrays_by_kind_and_dtype():
                    ("all-reduce", "bf16"): (1, 16), ("all-reduce", "f32"): (1, 4),
                    ("reduce-scatter", "bf16"): (1, 32 * 64 * 2)}
     assert "reduce-scatter" in profile_summary.collectives_table(got)
+
+
+def test_scope_of_strips_transformations_and_marks_the_backward():
+    s = profile_summary.scope_of
+    assert s("jit(step)/transpose(jvp(block))/mlp/dot_general") == "block/mlp (bwd)"
+    assert s("jit(step)/jvp(GatedDeltaNet)/while/body/short_conv/add") == "GatedDeltaNet/short_conv"
+    assert s("jit(f)/jvp(a)/b/c/...rk,...jk->...rj/dot_general", depth=3) == "a/b/c"
+    assert s("jit(f)/jit(dynamic_slice)/dynamic_slice") == "(no scope)"
+
+
+def test_scope_table_places_a_real_train_steps_ops_in_the_model():
+    """The op names of a compiled tiny training step (loss, backward, AdamW) lead to the model's
+    named scopes, and the table splits the time of made-up profile entries by them."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from configs.model import get_model_config
+    from gdn_jax import losses
+    from gdn_jax.model import LM
+
+    graphdef, params = nnx.split(LM(get_model_config("tiny"), rngs=nnx.Rngs(0)))
+    tx = optax.adamw(1e-3)
+
+    def step(params, opt, x):
+        grads = jax.grad(lambda p: losses.fused_lm_loss_sum(
+            nnx.merge(graphdef, p), x, x, jnp.ones(x.shape), {}, chunk_tokens=64))(params)
+        with jax.named_scope("optimizer"):
+            updates, opt = tx.update(grads, opt, params)
+            return optax.apply_updates(params, updates), opt
+
+    x = jnp.zeros((2, 64), jnp.int32)
+    text = jax.jit(step).lower(params, tx.init(params), x).compile().as_text()
+    names = profile_summary.hlo_op_names(text)
+    scopes = {profile_summary.scope_of(op) for op in names.values()}
+    for want in ("GatedDeltaNet/in_proj", "GatedDeltaNet/gated_delta_rule (bwd)", "mlp (bwd)",
+                 "mixer_norm", "loss", "optimizer"):
+        assert want in scopes, (want, sorted(scopes))
+    fusion = next(n for n, op in names.items() if profile_summary.scope_of(op) == "mlp (bwd)"
+                  and not op.endswith("dot_general"))
+    dot = next(n for n, op in names.items() if op.endswith("dot_general")
+               and profile_summary.scope_of(op) == "GatedDeltaNet/in_proj")
+    table = profile_summary.scope_table({fusion: 6.0, dot: 3.0, "unknown.1": 1.0}, names, steps=2)
+    rows = {}
+    for line in table.splitlines()[1:]:
+        *scope, mm, other, share, _ = line.split()
+        rows[" ".join(scope)] = (float(mm), float(other), float(share))
+    assert rows == {"mlp (bwd)": (0.0, 3.0, 60.0), "GatedDeltaNet/in_proj": (1.5, 0.0, 30.0),
+                    "(not in the HLO)": (0.0, 0.5, 10.0)}

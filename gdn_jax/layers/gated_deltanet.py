@@ -117,8 +117,10 @@ class GatedDeltaNet(nnx.Module):
         return g, beta
 
     def _output(self, o, gate_raw):
-        y = self.o_norm(o, gate_raw.reshape(*o.shape)).astype(self.dtype)
-        return self.o_proj(y.reshape(*o.shape[:-2], -1))
+        with jax.named_scope("out_norm_gate"):
+            y = self.o_norm(o, gate_raw.reshape(*o.shape)).astype(self.dtype)
+        with jax.named_scope("out_proj"):
+            return self.o_proj(y.reshape(*o.shape[:-2], -1))
 
     def __call__(self, x_BxTxD: jax.Array, *, segment_ids=None, positions=None, cache_len=None):
         """Returns (y [B, T, d], cache or None); cache_len (any int) asks for the decode cache.
@@ -127,8 +129,10 @@ class GatedDeltaNet(nnx.Module):
         sweeps its own share of T, with the conv's halo and the entering state from the devices
         before it."""
         del positions
-        q_raw, k_raw, v_raw, b_raw, a_raw, gate_raw = self._project(x_BxTxD)
-        g, beta = self._gates(b_raw, a_raw)
+        with jax.named_scope("in_proj"):
+            q_raw, k_raw, v_raw, b_raw, a_raw, gate_raw = self._project(x_BxTxD)
+        with jax.named_scope("gates"):
+            g, beta = self._gates(b_raw, a_raw)
         if context_parallel.context_size() > 1:
             if cache_len is not None:
                 raise ValueError("GatedDeltaNet: prefill (cache_len) does not run context-parallel; "
@@ -136,12 +140,15 @@ class GatedDeltaNet(nnx.Module):
             mix = context_parallel.over_context(self._mix_segment)
             return self._output(mix(q_raw, k_raw, v_raw, g, beta, segment_ids), gate_raw), None
         want = cache_len is not None
-        q, cq = self.q_conv(q_raw, segment_ids=segment_ids, return_cache=want)
-        k, ck = self.k_conv(k_raw, segment_ids=segment_ids, return_cache=want)
-        v, cv = self.v_conv(v_raw, segment_ids=segment_ids, return_cache=want)
-        q, k, v = self._heads(q, k, v)
-        o, S = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids, output_final_state=want,
-                                chunk_size=self.chunk_size, impl=self.impl)
+        with jax.named_scope("short_conv"):
+            q, cq = self.q_conv(q_raw, segment_ids=segment_ids, return_cache=want)
+            k, ck = self.k_conv(k_raw, segment_ids=segment_ids, return_cache=want)
+            v, cv = self.v_conv(v_raw, segment_ids=segment_ids, return_cache=want)
+        with jax.named_scope("qk_l2norm"):
+            q, k, v = self._heads(q, k, v)
+        with jax.named_scope("gated_delta_rule"):
+            o, S = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids,
+                                    output_final_state=want, chunk_size=self.chunk_size, impl=self.impl)
         cache = dict(conv_q=cq, conv_k=ck, conv_v=cv, state=S) if want else None
         return self._output(o, gate_raw), cache
 

@@ -71,7 +71,7 @@ def loss_sum(params, rest, batch, spec: StepSpec):
     kwargs = {k: batch[k] for k in spec.model_kwargs}
     mask_BxT = batch["loss_mask"].astype(jnp.float32)
     total = losses.LM_LOSSES[spec.loss](model, batch["tokens"], batch["targets"], mask_BxT, kwargs,
-                                        chunk_tokens=spec.loss_chunk_tokens)
+                                        chunk_tokens=spec.loss_chunk_tokens)  # scopes: losses.py
     return total, jnp.sum(mask_BxT)
 
 
@@ -140,9 +140,10 @@ def train_step(state, rest, batch, *, spec: StepSpec):
     denom = jnp.maximum(count, 1.0)
     loss = total / denom
     grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = spec.tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
+    with jax.named_scope("optimizer"):  # labels the ops for profiles
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = spec.tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
     # A non-finite step is dropped (the loop stops on it), so params never hold NaN/Inf.
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
