@@ -44,13 +44,14 @@ breakdown)
         --variants mosaic,mosaic-fkg,mosaic-rw2,mosaic-mp1,mosaic-mkg,triton ;;
 k256)
     # K = 256: the fla_gdn_1.3b training layer (21 of them are ~a quarter of its step) and the
-    # paper layer, where the Triton backend is the default and behind FLA.
-    step k256_breakdown 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+    # paper layer, where the Triton backend is the default and behind FLA. The breakdown tunes each
+    # kernel's knobs (sweeps: bv, x; chunk-parallel kernels: k, bi, w); then end to end vs FLA.
+    step k256_breakdown 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
         --shapes fla1.3b --iters 20 --no-check --no-chunk --no-fla --breakdown-only \
-        --variants triton,triton-x8,triton-bv64,mosaic
-    step k256_time 400 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
+        --variants triton,triton-x8,triton-bv64,triton-bv64x8,triton-k128,triton-bi128,triton-w8,triton-k128w8,mosaic
+    step k256_time 260 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
         python3 bench/bench_kernels.py --shapes fla1.3b,paper1.3b --iters 20 --rounds 2 --no-chunk \
-        --variants triton,triton-x8,triton-bv64,triton-bv64x8,triton-y1,triton-p2,mosaic,mosaic-fkg ;;
+        --variants triton,triton-x8,triton-bv64,mosaic ;;
 parity)
     # FLA's float32 logits took 130 s (Triton compiles); our Pallas path at float32 and K = 256 had
     # not finished compiling 4 minutes later (2026-12-03), so chunk goes first.
