@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gdn_jax.chunked import chunk_gated_delta_rule  # noqa: E402
 from gdn_jax.ops import gated_delta_rule  # noqa: E402
 from kernels_pallas import pallas_gated_delta_rule  # noqa: E402
+from kernels_pallas.gated_delta_rule import padded_head_dims  # noqa: E402
 
 SHAPES = {  # (B, T, H, HV, K, V)
     "h16k128": (4, 4096, 16, 16, 128, 128),
@@ -50,7 +51,7 @@ SHAPES = {  # (B, T, H, HV, K, V)
     "fla1.3b": (4, 4096, 6, 6, 256, 512),  # the fla_gdn_1.3b training step's layer (21 per step)
 }
 SMOKE = {"tiny": (1, 256, 1, 2, 64, 64)}  # for trying the script itself (CPU, interpret mode)
-PADDED = {"paper1.3b_padded": (4, 4096, 9, 9, 256, 512)}  # what the kernels see of paper1.3b
+PADDED = {"paper1.3b_padded": (4, 4096, 9, 9, 256, 448)}  # what the kernels see of paper1.3b
 
 
 def make_inputs(shape, seed=0, dtype=jnp.bfloat16):
@@ -287,7 +288,8 @@ def parse_variants(text):
 
 
 def breakdown(shape, launch, iters):
-    """Milliseconds of each kernel of one forward+backward at this shape (bf16; K, V powers of two)."""
+    """Milliseconds of each kernel of one forward+backward at this shape (bf16; K, V as the kernels
+    see them: padded_head_dims(K, V) == (K, V))."""
     from kernels_pallas import gated_delta_rule as gdr
     from kernels_pallas import backward, forward, mosaic_sweeps
     (q, k, v, g, beta), dO = make_inputs(shape)
@@ -379,7 +381,7 @@ def main():
                     ref = ref if ref is not None else reference(inputs, dO)
                     row["errors"][vname] = check(pallas_fn(**launch), inputs, dO, ref)
                     print(name, vname, "errors vs f32 chunk:", row["errors"][vname], flush=True)
-                if (args.breakdown or args.breakdown_only) and all(d & (d - 1) == 0 for d in shape[4:]):
+                if (args.breakdown or args.breakdown_only) and padded_head_dims(*shape[4:]) == shape[4:]:
                     print(name, vname, "breakdown ms:", breakdown(shape, launch, args.iters), flush=True)
                 if args.breakdown_only:
                     continue

@@ -210,10 +210,17 @@ def _chunked_bwd(t, res, cotangents):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
+VALUE_MULTIPLE = 64  # the widest value tile every backend's kernels step V by (block_v, inner_block_v)
+
+
 def padded_head_dims(K: int, V: int) -> tuple[int, int]:
-    """The head dims the kernels see: powers of two, at least 16."""
+    """The head dims the kernels see. K: a power of two >= 16, since every kernel loads whole [C, K]
+    tiles and Triton's tiles are powers of two. V: the same up to 64, above that a multiple of 64,
+    since the kernels only ever load [., 32 / 64 / 128]-column slices of V-wide arrays: the paper's
+    V = 400 runs as 448 (7 tiles of 64), not 512."""
     pow2 = lambda n: max(16, 1 << (n - 1).bit_length())
-    return pow2(K), pow2(V)
+    Vp = pow2(V) if V <= VALUE_MULTIPLE else -(-V // VALUE_MULTIPLE) * VALUE_MULTIPLE
+    return pow2(K), Vp
 
 
 def _pad_last(x, size):
@@ -243,7 +250,7 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                 sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=None, reverse_warpgroups=1,
                 key_grads="triton",
                 keep_residuals=False, mosaic_prepare=False, segments=None, interpret=None) -> Tiling:
-    """The launch spec for head dims K, V (padded here to powers of two), with the defaults below
+    """The launch spec for head dims K, V (padded here: `padded_head_dims`), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
     if sweeps not in SWEEPS:
         raise ValueError(f"sweeps must be one of {tuple(SWEEPS)}, got {sweeps!r}")
@@ -270,11 +277,15 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
         block_v = 64 if sweeps == "mosaic" else 32
     block_v = min(block_v, Vp)
     if inner_block_v is None:
-        inner_block_v = 128 if Kp <= 128 else 64
+        inner_block_v = 128 if Kp <= 128 and Vp % 128 == 0 else 64
     if sweep_stages is None:  # two [K, BV] stages of the sweep's loads must fit in shared memory
         sweep_stages = 2 if Kp * block_v <= 256 * 32 else 1
     if mosaic_stages is None:  # two stages of q, k [C, K] tiles fit shared memory up to K = 128
         mosaic_stages = 2 if Kp <= 128 else 1
+    for name, value in (("block_v", block_v), ("inner_block_v", min(inner_block_v, Vp))):
+        if value < 16 or value & (value - 1) or Vp % value:
+            raise ValueError(f"{name} must be a power of two >= 16 that divides the padded value "
+                             f"dim {Vp} (V = {V}), got {value}")
     if segments is None:
         segments = default_segments(B=B, HV=HV, N=N, K=Kp, V=Vp, block_v=block_v)
     if segments != 1 and (segments < 1 or N % segments or Kp % block_v):
@@ -308,8 +319,9 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
 def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size, **launch):
     """Same contract as `gdn_jax.chunked.chunk_gated_delta_rule` (T a multiple of chunk_size).
 
-    Head dims are zero-padded to powers of two (Triton's block shapes), which changes nothing: zero
-    key/query columns add nothing to any product and zero value columns give zero outputs.
+    Head dims are zero-padded (`padded_head_dims`: K to a power of two, V to a multiple of the value
+    tiles), which changes nothing: zero key/query columns add nothing to any product and zero value
+    columns give zero outputs.
     `launch` holds launch parameters only (see `make_tiling` for their defaults); every choice computes
     the same function:
       sweeps: "triton" or "mosaic", the lowering of the two sequential sweeps (SWEEPS);
@@ -329,8 +341,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         its residual sweep (default False until measured: it holds 2 (K V / C + V) bytes more per
         token and value head between forward and backward);
       inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop
-        (default 128 at K <= 128, 64 above), key tile (of the key-tiled gradient kernel), warps and
-        stages;
+        (default 128 at K <= 128 where it divides the padded V, else 64), key tile (of the key-tiled
+        gradient kernel), warps and stages;
       segments: context parallelism, the number of sequence segments swept side by side (default:
         enough to fill the GPU when B * HV is small; see `default_segments`);
       interpret: run the kernels in Pallas interpret mode (default: when there is no GPU).

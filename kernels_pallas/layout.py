@@ -29,7 +29,7 @@ class Tiling(NamedTuple):
     H: int
     HV: int
     K: int                      # padded to a power of two >= 16
-    V: int                      # padded to a power of two >= 16
+    V: int                      # padded: a power of two >= 16 up to 64, else a multiple of 64
     BV: int                     # value-tile width of the sequential sweeps' programs
     BK: int                     # key-tile width of the key-tiled gradient kernel
     scale: float
