@@ -8,13 +8,14 @@
 #   bash bench/gpu_pending.sh breakdown    # issue 10: per-kernel times of every Mosaic variant
 #   bash bench/gpu_pending.sh k256         # issue 10/13: Triton knobs at K = 256 (1.3B layers)
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
-#   bash bench/gpu_pending.sh generation   # issue 11: FLA same run, gdn_1.3b, S-NIAH wall time
+#   bash bench/gpu_pending.sh generation   # issue 11: fla_gdn_1.3b with FLA in the same run
+#   bash bench/gpu_pending.sh generation2  # issue 11: gdn_1.3b, S-NIAH wall time, CUDA graphs
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1; issue 13: gdn_1.3b step
 #   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope
 #   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA at the K = 128 shapes, same run
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh kernels|breakdown|k256|parity|generation|scale|train_profile|lm_eval|flashqla"}
+part=${1:?"usage: bash bench/gpu_pending.sh kernels|breakdown|k256|parity|generation|generation2|scale|train_profile|lm_eval|flashqla"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -59,12 +60,20 @@ parity)
         --gdn_impls chunk,auto --out "$out/parity_1p3b.json" ;;
 generation)
     # Each row prints as it completes, so a step that runs out of time still leaves its rows.
-    step gen_fla 330 env FLA_FLASH_QLA=0 python3 bench/generate_throughput.py --configs fla_gdn_1.3b \
-        --batches 1,16,64,256 --variants fused,loop --prefill 4096,32768 --iters 2
-    step gen_gdn 110 python3 bench/generate_throughput.py --configs gdn_1.3b --batches 1,64 \
-        --variants fused --prefill 4096 --iters 2 --no-fla
-    step niah_walltime 130 python3 bench/niah_walltime.py --preset fla_gdn_1.3b \
-        --out "$out/niah_walltime.json" ;;
+    step gen_fla 560 env FLA_FLASH_QLA=0 python3 bench/generate_throughput.py --configs fla_gdn_1.3b \
+        --batches 1,16,64,256 --variants fused,loop --prefill 4096,32768 --iters 2 ;;
+generation2)
+    step gen_gdn 200 python3 bench/generate_throughput.py --configs gdn_1.3b --batches 1,16,64,256 \
+        --variants fused --prefill 4096,32768 --iters 2 --no-fla
+    step niah_walltime 150 python3 bench/niah_walltime.py --preset fla_gdn_1.3b \
+        --out "$out/niah_walltime.json"
+    # B = 1 launches ~400 kernels per token: XLA's command buffers (CUDA graphs) for the whole
+    # decode loop body, against the default, in two processes of this call.
+    for cb in default "+WHILE,+CONDITIONAL"; do
+        flags=""; [ "$cb" = default ] || flags="--xla_gpu_enable_command_buffer=$cb --xla_gpu_graph_min_graph_size=1"
+        step "gen_cmdbuf_${cb//[^A-Za-z]/}" 110 env XLA_FLAGS="$flags" python3 bench/generate_throughput.py \
+            --configs fla_gdn_1.3b --batches 1,16 --variants fused --prefill 4096 --iters 3 --no-fla
+    done ;;
 scale)
     step longest_seq 330 python3 bench/longest_seq.py --timeout 100 --max_trials 3
     step train_gdn_1p3b 200 python3 bench/train_throughput.py --config gdn_1.3b --steps 8 ;;
