@@ -56,7 +56,7 @@ k256)
 parity)
     # FLA's float32 logits took 130 s (Triton compiles); our Pallas path at float32 and K = 256 had
     # not finished compiling 4 minutes later (2026-12-03), so chunk goes first.
-    step parity 580 env FLA_FLASH_QLA=0 python3 bench/check_fla_parity.py --batch 1 --seq_len 2048 \
+    step parity 570 env FLA_FLASH_QLA=0 python3 bench/check_fla_parity.py --batch 1 --seq_len 2048 \
         --gdn_impls chunk,auto --out "$out/parity_1p3b.json" ;;
 generation)
     # Each row prints as it completes, so a step that runs out of time still leaves its rows.
