@@ -4,7 +4,7 @@
 # "flashqla", .anchors); logs go to $OUT (or ./gpu_logs), one file per step, and the tail of each
 # is printed at the end. Every step has its own timeout, so one that hangs cannot take the call.
 #
-#   bash bench/gpu_pending.sh kernels      # issue 10: the Mosaic kernels written without a GPU
+#   bash bench/gpu_pending.sh kernels      # issue 10: fkg, rw2 and both against the default, in rounds
 #   bash bench/gpu_pending.sh breakdown    # issue 10: per-kernel times of every Mosaic variant
 #   bash bench/gpu_pending.sh k256         # issue 10/13: Triton knobs at K = 256 (1.3B layers)
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
@@ -38,7 +38,7 @@ kernels)
         --shapes h16k128 --iters 30 --no-chunk --no-fla --check-all --breakdown-only --variants $v
     step kernels_time 360 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
         python3 bench/bench_kernels.py --shapes h16k128,qwen3next,t16k --iters 20 --rounds 3 \
-        --no-chunk --no-check --variants $v ;;
+        --no-chunk --no-check --variants $v,triton ;;
 breakdown)
     step breakdown 200 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
         --shapes h16k128 --iters 30 --no-check --no-chunk --no-fla --breakdown-only \
