@@ -69,17 +69,38 @@ def spec(shape, index_map):
     return plgpu.BlockSpec(shape, index_map, transforms=tile(shape, jnp.bfloat16).transforms)
 
 
-def mms(*products, overlap=None):
+def mms(*products, overlap=None, interpret=False):
     """Independent products issued together and waited for once. Each product is
-    (shape, [(a1, b1), (a2, b2), ...]): the sum of a_i @ b_i in one float32 accumulator.
-    overlap: register work run while the tensor cores are busy; returns (products, its result)."""
-    def run(*accs):
-        for acc, (_, pairs) in zip(accs, products):
+    (shape, [(a1, b1), (a2, b2), ...]) or (shape, [...], init): the sum of a_i @ b_i in one float32
+    accumulator that starts at zero, or at init (a float32 array in the WGMMA register layout).
+    Starting at init, as in S <- d S + K^T X, lets the accumulator take over init's registers:
+    the state and the product never live side by side, which at K = 256 is 128 registers a
+    thread less. (interpret: the GPU interpreter of jax 0.12 runs no wgmma inside run_state, so
+    there init is added to a zero-started product instead; the same sum.) overlap: register work
+    run while the tensor cores are busy; returns (products, its result)."""
+    def issue(*accs):
+        for acc, (_, pairs, *_) in zip(accs, products):
             for a, b in pairs:
                 plgpu.wgmma(acc, a, b)
+
+    inits = [p[2] if len(p) > 2 else None for p in products]
+    if any(i is not None for i in inits):
+        # Mosaic takes preinitialised accumulators only through run_state, whose body returns
+        # nothing: no register work can ride along.
+        if overlap is not None:
+            raise ValueError("mms: overlap cannot go with an initialised accumulator")
+        if interpret:
+            sums = mms(*(p[:2] for p in products))
+            return tuple(s if i is None else s + i for s, i in zip(sums, inits))
+        zeros = lambda shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+        accs = tuple(plgpu.ACC.init(zeros(p[0]) if i is None else i) for p, i in zip(products, inits))
+        return tuple(pl.run_state(lambda accs: issue(*accs))(accs))
+
+    def run(*accs):
+        issue(*accs)
         extra = overlap() if overlap is not None else None
         return tuple(acc[...] for acc in accs), extra
-    out, extra = pl.run_scoped(run, *(plgpu.ACC(shape, jnp.float32) for shape, _ in products))
+    out, extra = pl.run_scoped(run, *(plgpu.ACC(p[0], jnp.float32) for p in products))
     return out if overlap is None else (out, extra)
 
 

@@ -117,14 +117,16 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
                 plgpu.copy_smem_to_gmem(vno_smem.at[slot], vn_out_ref.at[b, pl.ds(n * C, C), hv, vs],
                                         commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
+            # S <- d_chunk S + K^T (d_out Vnew), accumulated onto d_chunk S in place on a GPU.
+            S_next = ((K, BV), [(k_s.T, x_smem)], ch.d_chunk * S)
             if with_o:
-                PV, KV = mms(((C, BV), [(p_smem, vn_smem)]), ((K, BV), [(k_s.T, x_smem)]))
+                PV, S = mms(((C, BV), [(p_smem, vn_smem)]), S_next, interpret=t.interpret)
                 o_smem.at[slot][...] = (o_inter + PV).astype(o_smem.dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_smem.at[slot], o_ref.at[b, pl.ds(n * C, C), hv, vs])
             else:
-                (KV,) = mms(((K, BV), [(k_s.T, x_smem)]))
-            return ch.d_chunk * S + KV
+                (S,) = mms(S_next, interpret=t.interpret)
+            return S
 
         fwd = lambda n: (n, 0)
         in_specs = ([spec((C, K), fwd)] * (1 + with_o) + [spec((C, BV), fwd), spec((C, C), fwd)]

@@ -349,13 +349,23 @@ def test_mosaic_kernels_lower_for_hopper(monkeypatch, mode, docs):
     """Lowers the Mosaic sweeps for CUDA on this CPU, as if for a Hopper GPU: Mosaic's layout
     inference and shared-memory planning run here, so a kernel that would not compile on the GPU
     fails in CI rather than on the device."""
+    _lower_mosaic_kernel(monkeypatch, mode, docs, K=128, V=128)
+
+
+@pytest.mark.parametrize("mode", ["output", "residuals", "reverse"])
+def test_one_warpgroup_sweeps_lower_at_k256(monkeypatch, mode):
+    """K = 256 (the 1.3B models' heads) runs the one-warpgroup sweeps; they lower for Hopper."""
+    _lower_mosaic_kernel(monkeypatch, mode, False, K=256, V=128)
+
+
+def _lower_mosaic_kernel(monkeypatch, mode, docs, K, V):
     from kernels_pallas import mosaic_common, mosaic_sweeps as ms
     from kernels_pallas.gated_delta_rule import make_tiling
-    if (reason := mosaic_common.unsupported_reason(C=64, K=128, V=128, BV=64, dtype=BF16)) is not None:
+    if (reason := mosaic_common.unsupported_reason(C=64, K=K, V=V, BV=64, dtype=BF16)) is not None:
         pytest.skip(reason)
     import jax.experimental.mosaic.gpu.utils as mgpu_utils
     monkeypatch.setattr(mgpu_utils, "_infer_arch", lambda: (9, 0))
-    B, T, H, HV, K, V = 1, 192, 1, 2, 128, 128
+    B, T, H, HV = 1, 192, 1, 2
     t = make_tiling(B=B, T=T, H=H, HV=HV, K=K, V=V, chunk_size=64, scale=0.1, has_docs=docs,
                     dtype=BF16, sweeps="mosaic", segments=1, interpret=False,
                     mosaic_warpgroups=2 if mode.endswith("_ws") else 1,
