@@ -117,16 +117,19 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
                 plgpu.copy_smem_to_gmem(vno_smem.at[slot], vn_out_ref.at[b, pl.ds(n * C, C), hv, vs],
                                         commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
-            # S <- d_chunk S + K^T (d_out Vnew), accumulated onto d_chunk S in place on a GPU.
-            S_next = ((K, BV), [(k_s.T, x_smem)], ch.d_chunk * S)
+            # S <- d_chunk S + K^T (d_out Vnew). Above K = 128 it accumulates onto d_chunk S in
+            # place, since S and a separate K^T X accumulator do not fit the registers together
+            # (docs/benchmarks.md, "Written after runs I/J"); at K <= 128, the form measured so far.
+            in_place = K > 128
+            S_next = ((K, BV), [(k_s.T, x_smem)]) + ((ch.d_chunk * S,) if in_place else ())
             if with_o:
-                PV, S = mms(((C, BV), [(p_smem, vn_smem)]), S_next, interpret=t.interpret)
+                PV, KV = mms(((C, BV), [(p_smem, vn_smem)]), S_next, interpret=t.interpret)
                 o_smem.at[slot][...] = (o_inter + PV).astype(o_smem.dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_smem.at[slot], o_ref.at[b, pl.ds(n * C, C), hv, vs])
             else:
-                (S,) = mms(S_next, interpret=t.interpret)
-            return S
+                (KV,) = mms(S_next, interpret=t.interpret)
+            return KV if in_place else ch.d_chunk * S + KV
 
         fwd = lambda n: (n, 0)
         in_specs = ([spec((C, K), fwd)] * (1 + with_o) + [spec((C, BV), fwd), spec((C, C), fwd)]

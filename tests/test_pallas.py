@@ -73,6 +73,7 @@ CASES = {
     "non_pow2_heads": dict(B=1, T=100, H=1, K=100, V=160, with_state=True),
     "documents": dict(B=2, T=192, H=1, K=64, V=64, with_state=True, num_docs=4),
     "T1": dict(B=1, T=1, H=1, K=64, V=64, with_state=True),
+    "k256": dict(B=1, T=128, H=1, K=256, V=64, with_state=True),  # Mosaic: in-place state update
 }
 
 
