@@ -32,6 +32,7 @@ GROUPS = (
     ("copies / transposes", ("copy", "transpose", "memcpy", "memset")),
 )
 COMMUNICATION = GROUPS[3][1]
+MATMULS = GROUPS[1][0]
 
 
 def group_of(name: str) -> str:
@@ -149,7 +150,7 @@ def scope_table(ops: dict[str, float], op_names: dict[str, str], steps: int, top
     for name, ms in ops.items():
         op = op_names.get(name)
         scope = "(not in the HLO)" if op is None else scope_of(op)
-        matmul = group_of(name) == GROUPS[1][0] or (op or "").endswith("dot_general")
+        matmul = group_of(name) == MATMULS or (op or "").endswith("dot_general")
         rows[scope][0 if matmul else 1] += ms
     total = sum(ops.values())
     lines = [f"  by scope (jax.named_scope; top {top}):{'matmul ms':>27}{'other ms':>11}{'share':>8}"]

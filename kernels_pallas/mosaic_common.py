@@ -261,6 +261,23 @@ class ChunkDecays:
         return jnp.exp(jnp.where(self.upper, diff, -jnp.inf))
 
 
+
+def ring_program(t: Tiling, q_ref, k_ref, x_ref, T_ref, G_ref, beta_ref, rel_ref, ring, loaded,
+                 consumed, *, reverse=False):
+    """The common start of a warp-specialised sweep: this program's ids, its warpgroup, and the
+    memory warpgroup (wg 2) running the ring's producer over q, k, x (v or dO), T and the gates.
+    Returns (b, hv, h, vs, wg, stage), stage(i) = ring_slot(ring, t.mosaic_stages, i)."""
+    b, hv, h, vs = program_ids(t)
+    wg = lax.axis_index("wg")
+    srcs = ring_srcs(q_ref, k_ref, x_ref, T_ref, G_ref, beta_ref, rel_ref, b, hv, h, vs)
+    stages = t.mosaic_stages
+
+    @pl.when(wg == 2)
+    def _memory():
+        ring_producer(srcs, ring, loaded, consumed, stages=stages, N=t.N, C=t.C, reverse=reverse)
+
+    return b, hv, h, vs, wg, lambda i: ring_slot(ring, stages, i)
+
 def _rows_by_head(x, t: Tiling):
     """[B, N, C, HV] -> [B, HV, T] float32 rows (TMA needs the time axis contiguous)."""
     return jnp.moveaxis(x.reshape(t.B, t.N * t.C, t.HV), 1, 2).astype(jnp.float32)

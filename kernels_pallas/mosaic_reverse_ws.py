@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.layout import Tiling
-from kernels_pallas.mosaic_common import (ChunkDecays, chunk_ring, flat, gate_rows, launch,
-                                          mms, plgpu, program_ids, ring_barriers, ring_producer,
-                                          ring_slot, ring_srcs, tile)
+from kernels_pallas.mosaic_common import (ChunkDecays, chunk_ring, flat, gate_rows, launch, mms,
+                                          plgpu, ring_barriers, ring_program, tile)
 from kernels_pallas.mosaic_sweeps import reverse_chunk_tail
 
 
@@ -52,14 +50,8 @@ def reverse_sweep_specialised(q, k, T, g, beta, docs, do, dS_final, t: Tiling, *
         ds0_ref = outs[-1]
         (bufs, ds_smem, dvn_smem, z_smem, dos_smem, p_smem, loc_smem, st_smem,
          loaded, consumed, loc_ready, loc_free, st_bar) = refs[n_in + 2 + 2 * full:]
-        b, hv, h, vs = program_ids(t)
-        wg = lax.axis_index("wg")
-        srcs = ring_srcs(q_ref, k_ref, do_ref, T_ref, G_ref, beta_ref, rel_ref, b, hv, h, vs)
-        stage = lambda i: ring_slot(bufs, stages, i)
-
-        @pl.when(wg == 2)
-        def _memory():
-            ring_producer(srcs, bufs, loaded, consumed, stages=stages, N=N, C=C, reverse=True)
+        b, hv, h, vs, wg, stage = ring_program(t, q_ref, k_ref, do_ref, T_ref, G_ref, beta_ref, rel_ref,
+                                               bufs, loaded, consumed, reverse=True)
 
         @pl.when(wg == 1)
         def _helper():

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.layout import Tiling
 from kernels_pallas.mosaic_common import (ChunkDecays, chunk_ring, flat, gate_rows, gate_specs, gate_srcs,
                                           launch, load_state, mms, plgpu, program_ids, ring_barriers,
-                                          ring_producer, ring_slot, ring_srcs, spec, store_state, tile)
+                                          ring_program, spec, store_state, tile)
 
 
 def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out_dtype=None):
@@ -123,13 +122,13 @@ def sweep(q, k, v, T, g, beta, docs, initial_state, t: Tiling, *, mode: str, out
             in_place = K > 128
             S_next = ((K, BV), [(k_s.T, x_smem)]) + ((ch.d_chunk * S,) if in_place else ())
             if with_o:
-                PV, KV = mms(((C, BV), [(p_smem, vn_smem)]), S_next, interpret=t.interpret)
+                PV, KX = mms(((C, BV), [(p_smem, vn_smem)]), S_next, interpret=t.interpret)
                 o_smem.at[slot][...] = (o_inter + PV).astype(o_smem.dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_smem.at[slot], o_ref.at[b, pl.ds(n * C, C), hv, vs])
             else:
-                (KV,) = mms(S_next, interpret=t.interpret)
-            return KV if in_place else ch.d_chunk * S + KV
+                (KX,) = mms(S_next, interpret=t.interpret)
+            return KX if in_place else ch.d_chunk * S + KX  # in place, KX is d_chunk S + K^T X
 
         fwd = lambda n: (n, 0)
         in_specs = ([spec((C, K), fwd)] * (1 + with_o) + [spec((C, BV), fwd), spec((C, C), fwd)]
@@ -194,14 +193,8 @@ def _output_sweep_specialised(q, k, v, T, g, beta, docs, initial_state, t: Tilin
         scratch = refs[n_in + 3 + 2 * residuals:]
         (bufs, s_buf, vn_buf, x_smem, p_smem, o_buf, st_smem,
          loaded, consumed, s_ready, s_free, vn_ready, vn_free, st_bar) = scratch
-        b, hv, h, vs = program_ids(t)
-        wg = lax.axis_index("wg")
-        srcs = ring_srcs(q_ref, k_ref, v_ref, T_ref, G_ref, beta_ref, rel_ref, b, hv, h, vs)
-        stage = lambda n: ring_slot(bufs, stages, n)
-
-        @pl.when(wg == 2)
-        def _memory():
-            ring_producer(srcs, bufs, loaded, consumed, stages=stages, N=N, C=C)
+        b, hv, h, vs, wg, stage = ring_program(t, q_ref, k_ref, v_ref, T_ref, G_ref, beta_ref, rel_ref,
+                                               bufs, loaded, consumed)
 
         @pl.when(wg == 0)
         def _state():
