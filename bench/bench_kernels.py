@@ -255,28 +255,34 @@ def flashqla_rows(site, names, iters, out_dir):
         return json.load(f)
 
 
-VARIANT_KEYS = {"bv": "block_v", "bi": "inner_block_v", "k": "block_k", "w": "num_warps", "s": "num_stages",
+VARIANT_KEYS = {"bv": "block_v", "bvr": "residual_block_v", "bi": "inner_block_v", "k": "block_k", "w": "num_warps", "s": "num_stages",
                 "x": "sweep_warps", "y": "sweep_stages", "ms": "mosaic_stages", "p": "segments",
                 "wg": "mosaic_warpgroups", "rw": "reverse_warpgroups", "kr": "keep_residuals",
                 "mp": "mosaic_prepare"}
 
 
+# The backward's chunk-parallel kernels (gated_delta_rule.CHUNK_GRADS) by variant tag: the Triton pair
+# and key kernels (tkg), the Triton pair kernel then the Mosaic key kernel (mkg), one fused Mosaic
+# kernel (fkg).
+KEY_GRAD_TAGS = {"tkg": "triton", "mkg": "mosaic", "fkg": "fused"}
+
+
 def parse_variants(text):
     """Comma list of BACKEND[-KNOBS]: BACKEND is triton or mosaic (the sweeps' lowering); KNOBS e.g.
-    bv64x4y2ms2p4: the sweeps' value tile (bv), warps (x) and stages (y, Triton), Mosaic pipeline
+    bv64x4y2ms2p4: the sweeps' value tile (bv; bvr: the residual sweep's alone), warps (x) and stages (y, Triton), Mosaic pipeline
     stages (ms), warp specialisation of its forward (wg2) and reverse (rw2) sweeps, the forward
     keeping the backward's residuals (kr1), T on Mosaic (mp1), context-parallel segments (p),
-    the Mosaic key-gradient kernel (mkg) or the fused Mosaic pair + key kernel (fkg); the
+    the backward's Triton pair and key kernels (tkg), the Mosaic key-gradient kernel (mkg) or the
+    fused Mosaic pair + key kernel (fkg); the
     chunk-parallel kernels' inner value tile (bi),
     key tile (k), warps (w) and stages (s). Left out: the op's defaults."""
     out = []
     for item in text.split(","):
         backend, _, knobs = item.partition("-")
         extra = {}
-        if "mkg" in knobs:  # the Mosaic key-gradient kernel
-            knobs, extra = knobs.replace("mkg", ""), {"key_grads": "mosaic"}
-        if "fkg" in knobs:  # the fused Mosaic pair + key gradient kernel
-            knobs, extra = knobs.replace("fkg", ""), {"key_grads": "fused"}
+        for tag, key_grads in KEY_GRAD_TAGS.items():
+            if tag in knobs:
+                knobs, extra = knobs.replace(tag, ""), {"key_grads": key_grads}
         if backend not in ("triton", "mosaic"):
             raise SystemExit(f"--variants: backend must be triton or mosaic, got {backend!r} in {item!r}")
         nums = dict(re.findall(r"([a-z]+)(\d+)", knobs))
@@ -309,17 +315,21 @@ def breakdown(shape, launch, iters):
 
     T_ = timed("prepare T", lambda k, v, g, b: forward.prepare(k, v, g, b, (), t, mmd, t_only=True), k, v, g, beta)
     if t.sweeps == "mosaic":
-        sw = lambda mode: lambda *a: mosaic_sweeps.sweep(*a, (), S0, t, mode=mode, out_dtype=v.dtype)
-        timed("sweep output", sw("output"), q, k, v, T_, g, beta)
-        _, s_in, vn = timed("sweep residuals", sw("residuals"), q, k, v, T_, g, beta)
+        sw = lambda mode, t: lambda *a: mosaic_sweeps.sweep(*a, (), S0, t, mode=mode, out_dtype=v.dtype)
+        timed("sweep output", sw("output", t), q, k, v, T_, g, beta)
+        _, s_in, vn = timed("sweep residuals", sw("residuals", t.residual_tiling), q, k, v, T_, g, beta)
         ds_out, dvn, _ = timed("reverse sweep", lambda *a: mosaic_sweeps.reverse_sweep(
             *a, (), do, S0, t, mode="full"), q, k, T_, g, beta)
     else:
+        timed("prepare W, U, T, A_qk", lambda q, k, v, g, b: forward.prepare(k, v, g, b, (), t, mmd, q=q),
+              q, k, v, g, beta)
+        *_, a_qk = forward.prepare(k, v, g, beta, (), t, mmd, q=q)
         w_, u_, _ = timed("prepare W, U from T", lambda k, v, g, b, T: forward.prepare(
             k, v, g, b, (), t, mmd, T=T), k, v, g, beta, T_)
-        sw = lambda mode: lambda *a: forward.sweep(*a, (), S0, t, mmd, mode=mode, out_dtype=v.dtype)
-        timed("sweep output", sw("output"), q, k, w_, u_, g)
-        _, s_in, vn = timed("sweep residuals", sw("residuals"), q, k, w_, u_, g)
+        sw = lambda mode, t: lambda *a: forward.sweep(*a[:5], (), S0, t, mmd, mode=mode, out_dtype=v.dtype,
+                                                      a_qk=a[5] if len(a) > 5 else None)
+        timed("sweep output", sw("output", t), q, k, w_, u_, g, a_qk)
+        _, s_in, vn = timed("sweep residuals", sw("residuals", t.residual_tiling), q, k, w_, u_, g)
         dvl = timed("local dvnew", lambda q, k, g, do: backward.local_dvnew(q, k, g, (), do, t, mmd), q, k, g, do)
         ds_out, dvn, _ = timed("reverse sweep", lambda q, k, w, g, do, dvl: backward.reverse_sweep(
             q, k, w, g, (), do, dvl, S0, t, mmd), q, k, w_, g, do, dvl)

@@ -2,9 +2,10 @@
 
   prepare   grid (N, B*HV), all chunks at once:
             A = strict_lower(diag(beta) K K^T * Gamma), T = (I + A)^-1,
-            W = T (beta * d_in * K)  [C, K],   U = T (beta * V)  [C, V]
+            W = T (beta * d_in * K)  [C, K],   U = T (beta * V)  [C, V],
+            and for the output sweep A_qk = scale * Q K^T * Gamma  [C, C]
   sweep     grid (B*HV, V / BV), each program walks the N chunks in order with its [K, BV] state tile:
-            Vnew = U - W S,   O = (d_in * Q) S + (Q K^T * Gamma) Vnew,
+            Vnew = U - W S,   O = scale * (d_in * Q) S + A_qk Vnew,
             S <- d_chunk S + (d_out * K)^T Vnew
             Instead of O it can write each chunk's entering state and Vnew (the backward's residuals),
             or only the final state.
@@ -31,30 +32,41 @@ def load_docs(doc_refs, *index):
     return tuple(r[index] if index else r[...] for r in doc_refs)
 
 
-def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None, t_only=False):
+def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None, t_only=False, q=None):
     """W [B,N,C,HV,K] and U [B,N,C,HV,V] in mm_dtype, plus T [B,N,C,HV,C] in mm_dtype (every use of T
     is a matmul operand in that dtype).
 
     Given T (the forward's, in the backward) the inverse is not formed again: W and U are two matmuls.
     t_only: return T alone (the Mosaic sweeps form the W and U products themselves).
+    q: also return A_qk = scale * Q K^T * Gamma [B,N,C,HV,C] in mm_dtype (the output sweep's
+    in-chunk matrix; a matmul operand there, so rounding it here changes nothing). Formed once per
+    chunk here instead of once per value tile in the sequential sweep: at K = 256 and BV = 32 the
+    C x C x K product was over a third of that loop's multiply-adds.
     """
     t = tiling
     C, K, V = t.C, t.K, t.V
     given_T = T is not None
+    with_qk = q is not None
+    if with_qk and (given_T or t_only):
+        raise ValueError("prepare forms A_qk only with W, U and T (the forward's call)")
 
     def kernel(*refs):
         k_ref, v_ref, g_ref, beta_ref = refs[:4]
         doc_refs = refs[4:4 + len(docs)]
-        rest = refs[4 + len(docs):]
+        rest = list(refs[4 + len(docs):])
+        q_ref = rest.pop(0) if with_qk else None
         if given_T:
             T_in_ref, w_ref, u_ref = rest
         elif t_only:
             (T_ref,) = rest
         else:
-            w_ref, u_ref, T_ref = rest
+            w_ref, u_ref, T_ref, *aqk_ref = rest
         k_c = k_ref[...]  # stays in its own dtype: scalings go on the [C, C] side, not on [C, K]
         beta_c = beta_ref[...]
         dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
+        if with_qk:
+            qk = mm(q_ref[...], k_c, tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
+            aqk_ref[0][...] = qk.astype(aqk_ref[0].dtype)
         if given_T:
             T = T_in_ref[...].astype(jnp.float32)
         else:
@@ -70,28 +82,30 @@ def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None, t_only=Fal
             vs = pl.ds(j * t.BVI, t.BVI)
             u_ref[:, vs] = mm(T_beta, v_ref[:, vs], dtype=mm_dtype).astype(u_ref.dtype)
 
-    out_specs = [t.head_spec(K), t.head_spec(V), t.head_spec(C)]
+    pair = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, C), mm_dtype)
+    out_specs = [t.head_spec(K), t.head_spec(V), t.head_spec(C), t.head_spec(C)]
     out_shape = [jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, K), mm_dtype),
-                 jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype),
-                 jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, C), mm_dtype)]
-    picked = slice(0, 2) if given_T else slice(2, 3) if t_only else slice(0, 3)
+                 jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype), pair, pair]
+    picked = slice(0, 2) if given_T else slice(2, 3) if t_only else slice(0, 3 + with_qk)
     out_specs, out_shape = out_specs[picked], out_shape[picked]
     outs = backend.call(
         kernel, grid=t.chunk_grid,
         in_specs=[t.qk_spec(), t.head_spec(V), t.gate_spec(), t.gate_spec(),
-                  *[t.doc_spec()] * len(docs), *[t.head_spec(C)] * given_T],
+                  *[t.doc_spec()] * len(docs), *[t.qk_spec()] * with_qk, *[t.head_spec(C)] * given_T],
         out_specs=out_specs, out_shape=out_shape,
         **t.chunk_launch, name="gdn_prepare",
-    )(k, v, g, beta, *docs, *([T] if given_T else []))
+    )(k, v, g, beta, *docs, *([q] if with_qk else []), *([T] if given_T else []))
     if t_only:
         return outs[0]
     return (*outs, T) if given_T else tuple(outs)
 
 
-def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode: str, out_dtype=None):
+def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode: str, out_dtype=None,
+          a_qk=None):
     """The pass across chunks (W/U form), grid (B*HV, V/BV).
 
-    mode "output":    returns (o [B,N,C,HV,V] in out_dtype, final state [B,HV,K,V] f32)
+    mode "output":    returns (o [B,N,C,HV,V] in out_dtype, final state [B,HV,K,V] f32); needs a_qk
+                      (A_qk from `prepare`)
     mode "residuals": returns (final state, states entering each chunk [B,N,HV,K,V], Vnew [B,N,C,HV,V]),
                       those two in mm_dtype (the backward uses them only as matmul operands)
     mode "final":     returns the final state only (context parallelism's first pass)
@@ -99,12 +113,16 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode:
     t = tiling
     C, K, V, BV = t.C, t.K, t.V, t.BV
     with_o, with_res = mode == "output", mode == "residuals"
+    if with_o and a_qk is None:
+        raise ValueError("the output sweep needs a_qk (prepare(..., q=q))")
+    extra = [a_qk] if with_o else []
 
     def kernel(*refs):
         q_ref, k_ref, w_ref, u_ref, g_ref = refs[:5]
         doc_refs = refs[5:5 + len(docs)]
         s0_ref = refs[5 + len(docs)]
-        outs = list(refs[6 + len(docs):])
+        aqk_ref = refs[6 + len(docs)] if with_o else None
+        outs = list(refs[6 + len(docs) + len(extra):])
         o_ref = outs.pop(0) if with_o else None
         sT_ref = outs.pop(0)
         s_in_ref, vn_ref = outs if with_res else (None, None)
@@ -121,10 +139,8 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode:
                 s_in_ref[b, n, hv, :, vs] = S.astype(s_in_ref.dtype)
                 vn_ref[b, n, :, hv, vs] = vnew.astype(vn_ref.dtype)
             if with_o:
-                q_c = q_ref[b, n, :, h, :]
-                qk = mm(q_c, k_c, tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
-                o = ((dec.d_in * t.scale)[:, None] * mm(q_c, S, dtype=mm_dtype)
-                     + mm(qk, vnew, dtype=mm_dtype))
+                o = ((dec.d_in * t.scale)[:, None] * mm(q_ref[b, n, :, h, :], S, dtype=mm_dtype)
+                     + mm(aqk_ref[b, n, :, hv, :], vnew, dtype=mm_dtype))
                 o_ref[b, n, :, hv, vs] = o.astype(o_ref.dtype)
             return dec.d_chunk * S + mm(k_c, vnew * dec.d_out[:, None], ta=True, dtype=mm_dtype)
 
@@ -140,7 +156,7 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode:
     whole = backend.WHOLE
     outs = backend.call(
         kernel, grid=t.sequential_grid,
-        in_specs=[whole] * (6 + len(docs)), out_specs=[whole] * len(out_shape), out_shape=out_shape,
-        **t.sweep_launch, name=f"gdn_sweep_{mode}",
-    )(q, k, w, u, g, *docs, initial_state)
+        in_specs=[whole] * (6 + len(docs) + len(extra)), out_specs=[whole] * len(out_shape),
+        out_shape=out_shape, **t.sweep_launch, name=f"gdn_sweep_{mode}",
+    )(q, k, w, u, g, *docs, initial_state, *extra)
     return tuple(outs) if len(outs) > 1 else outs[0]

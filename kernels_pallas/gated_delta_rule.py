@@ -31,7 +31,7 @@ from kernels_pallas.layout import Tiling
 
 class Chunks(NamedTuple):
     """The chunked inputs (kernels_pallas/layout.py) and what `prepare` made of them: T, and for the
-    W/U-form sweeps W and U (else None)."""
+    W/U-form sweeps W and U, and in the forward A_qk (else None)."""
     q: jax.Array
     k: jax.Array
     v: jax.Array
@@ -41,6 +41,7 @@ class Chunks(NamedTuple):
     T: jax.Array
     w: jax.Array | None = None
     u: jax.Array | None = None
+    a_qk: jax.Array | None = None
 
     def split(self, P):
         return jax.tree.map(lambda x: cp.split(x, P), self)
@@ -52,13 +53,16 @@ def _mm_dtype(dtype):
 
 
 class _TritonSweeps:
-    """W/U form: Vnew = U - W S, with W and U from `prepare`."""
+    """W/U form: Vnew = U - W S, with W and U (and in the forward the output's A_qk) from `prepare`."""
 
     @staticmethod
     def prepare(x: Chunks, t, T=None) -> Chunks:
         mm_dtype = _mm_dtype(x.q.dtype)
-        w, u, T = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, T=T)
-        return x._replace(T=T, w=w, u=u)
+        if T is not None:  # the backward: no output sweep, so no A_qk
+            w, u, T = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, T=T)
+            return x._replace(T=T, w=w, u=u)
+        w, u, T, a_qk = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, q=x.q)
+        return x._replace(T=T, w=w, u=u, a_qk=a_qk)
 
     @staticmethod
     def with_transition_columns(x: Chunks, K) -> Chunks:
@@ -67,7 +71,7 @@ class _TritonSweeps:
     @staticmethod
     def sweep(x: Chunks, S0, t, mode, out_dtype=None):
         return forward.sweep(x.q, x.k, x.w, x.u, x.g, x.docs, S0, t, _mm_dtype(x.q.dtype), mode=mode,
-                             out_dtype=out_dtype)
+                             out_dtype=out_dtype, a_qk=x.a_qk)
 
     @staticmethod
     def reverse(x: Chunks, do, dS_final, t, mode):
@@ -175,13 +179,14 @@ def _states_and_cotangents(x: Chunks, initial_state, segments, kept, do, dS_fina
         if kept is not None:
             states_in, vnew = kept
         else:
-            _, states_in, vnew = sweeps.sweep(x, initial_state, t, "residuals")
+            _, states_in, vnew = sweeps.sweep(x, initial_state, t.residual_tiling, "residuals")
         dstates_out, dvnew, d_initial = sweeps.reverse(x, do, dS_final, t, "full")
         return states_in, vnew, dstates_out, dvnew, d_initial
     ts, P = cp.segment_tiling(t), t.segments
     M, S_in = segments
     xs, dos = x.split(P), cp.split(do, P)
-    _, states_in, vnew = sweeps.sweep(xs, S_in.reshape(ts.B, *S_in.shape[2:]), ts, "residuals")
+    _, states_in, vnew = sweeps.sweep(xs, S_in.reshape(ts.B, *S_in.shape[2:]), ts.residual_tiling,
+                                      "residuals")
     own = sweeps.reverse(xs, dos, jnp.zeros_like(S_in).reshape(ts.B, *S_in.shape[2:]), ts, "final")
     dS_out = cp.join_backward(own, M, dS_final, t)
     dstates_out, dvnew, d_in = sweeps.reverse(xs, dos, dS_out.reshape(ts.B, *S_in.shape[2:]), ts, "full")
@@ -245,11 +250,18 @@ def default_segments(*, B, HV, N, K, V, block_v) -> int:
     return P if K % block_v == 0 else 1
 
 
+def _mosaic_on_gpu_up_to_128(sweeps, K, V, interpret, values=False) -> bool:
+    """Where the measured Mosaic defaults apply: Mosaic sweeps on a GPU with padded K (and, for the
+    fused gradient kernel, V) at most 128, what their shared-memory budgets allow."""
+    Kp, Vp = padded_head_dims(K, V)
+    return sweeps == "mosaic" and not interpret and Kp <= 128 and (not values or Vp <= 128)
+
+
 def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps="triton",
-                block_v=None, inner_block_v=None, block_k=64, num_warps=4, num_stages=1, sweep_warps=4,
-                sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=None, reverse_warpgroups=1,
-                key_grads="triton",
-                keep_residuals=False, mosaic_prepare=False, segments=None, interpret=None) -> Tiling:
+                block_v=None, residual_block_v=None, inner_block_v=None, block_k=64, num_warps=4, num_stages=1, sweep_warps=4,
+                sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=None, reverse_warpgroups=None,
+                key_grads=None, keep_residuals=False, mosaic_prepare=False, segments=None,
+                interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here: `padded_head_dims`), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
     if sweeps not in SWEEPS:
@@ -263,8 +275,15 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
         # 0.12.0.1's GPU interpreter hangs in its barriers at K = 128 once the grid has two
         # programs (it keeps shared-memory state across programs, a TODO in its source), where the
         # GPU runs it correctly; tests name mosaic_warpgroups=2 explicitly at shapes it runs.
-        mosaic_warpgroups = (2 if sweeps == "mosaic" and padded_head_dims(K, V)[0] <= 128
-                             and not interpret else 1)
+        mosaic_warpgroups = 2 if _mosaic_on_gpu_up_to_128(sweeps, K, V, interpret) else 1
+    # H200, 2026-12-03 run K (docs/benchmarks.md): the warp-specialised reverse sweep and the fused
+    # pair + key gradient kernel together took (4, 4096, 16, 128, 128) from 1.214 to 1.134 ms
+    # forward+backward (three interleaved rounds, ranges 1.209-1.220 and 1.130-1.138) and Qwen3-Next's
+    # layer from 1.355 to 1.278. GPU only, like the forward's warpgroups (the interpreter's barriers).
+    if reverse_warpgroups is None:
+        reverse_warpgroups = 2 if _mosaic_on_gpu_up_to_128(sweeps, K, V, interpret) else 1
+    if key_grads is None:
+        key_grads = "fused" if _mosaic_on_gpu_up_to_128(sweeps, K, V, interpret, values=True) else "triton"
     for name, value in (("mosaic_warpgroups", mosaic_warpgroups), ("reverse_warpgroups", reverse_warpgroups)):
         if value not in (1, 2):
             raise ValueError(f"{name} must be 1 or 2, got {value!r}")
@@ -278,11 +297,19 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
     block_v = min(block_v, Vp)
     if inner_block_v is None:
         inner_block_v = 128 if Kp <= 128 and Vp % 128 == 0 else 64
-    if sweep_stages is None:  # two [K, BV] stages of the sweep's loads must fit in shared memory
-        sweep_stages = 2 if Kp * block_v <= 256 * 32 else 1
+    if residual_block_v is None:
+        # H200, 2026-12-03 run K (per-kernel breakdown): at K = 256 the residual sweep took 0.584 ms
+        # at block_v 64 against 0.672 at 32 (fla_gdn_1.3b's layer) and 0.627 against 0.859 (the
+        # paper's), while the output and reverse sweeps were no faster or slower at 64.
+        residual_block_v = 64 if sweeps == "triton" and Kp > 128 else block_v
+    residual_block_v = min(residual_block_v, Vp)
+    # two [K, BV] stages of a sweep's loads must fit in shared memory
+    stages_for = lambda bv: sweep_stages if sweep_stages is not None else 2 if Kp * bv <= 256 * 32 else 1
+    sweep_stages, residual_stages = stages_for(block_v), stages_for(residual_block_v)
     if mosaic_stages is None:  # two stages of q, k [C, K] tiles fit shared memory up to K = 128
         mosaic_stages = 2 if Kp <= 128 else 1
-    for name, value in (("block_v", block_v), ("inner_block_v", min(inner_block_v, Vp))):
+    for name, value in (("block_v", block_v), ("residual_block_v", residual_block_v),
+                        ("inner_block_v", min(inner_block_v, Vp))):
         if value < 16 or value & (value - 1) or Vp % value:
             raise ValueError(f"{name} must be a power of two >= 16 that divides the padded value "
                              f"dim {Vp} (V = {V}), got {value}")
@@ -298,9 +325,10 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                mosaic_warpgroups=mosaic_warpgroups, reverse_warpgroups=reverse_warpgroups,
                key_grads=key_grads,
                keep_residuals=bool(keep_residuals), mosaic_prepare=bool(mosaic_prepare), segments=segments,
-               interpret=bool(interpret))
+               interpret=bool(interpret), BVR=residual_block_v, residual_stages=residual_stages)
     if sweeps == "mosaic":
-        reason = mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
+        reason = (mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
+                  or mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BVR, dtype=dtype))
         if reason is None and 2 in (mosaic_warpgroups, reverse_warpgroups) and t.K > 128:
             reason = f"the warp-specialised sweeps fit shared memory up to K = 128, got {t.K}"
         if reason is None and t.interpret and not mosaic_common.interpret_supported():
@@ -327,7 +355,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
       sweeps: "triton" or "mosaic", the lowering of the two sequential sweeps (SWEEPS);
       block_v, sweep_warps, sweep_stages: the sequential sweeps' value tile (default 32 on Triton, 64
         on Mosaic), warps and software-pipelining depth (default sweep_stages: 2, or 1 where 2 would
-        not fit shared memory); mosaic_stages: chunks in flight in the Mosaic sweeps' TMA pipeline;
+        not fit shared memory); residual_block_v: the backward's residual sweep's value tile
+        (default 64 on Triton at K > 128, else block_v); mosaic_stages: chunks in flight in the Mosaic sweeps' TMA pipeline;
         mosaic_warpgroups: 2 runs the Mosaic forward sweep warp-specialised (a state group, an output
         group and a memory group) instead of in one warpgroup (default 2 where K <= 128 on a GPU,
         else 1); reverse_warpgroups: 2 runs the Mosaic reverse sweep warp-specialised (a state group,

@@ -48,6 +48,13 @@ class Tiling(NamedTuple):
     keep_residuals: bool = False  # Mosaic, one segment: the forward keeps states and Vnew for the backward
     segments: int = 1           # context parallelism: sequence segments swept side by side
     interpret: bool = False     # run every kernel in Pallas interpret mode (CPU)
+    BVR: int = 0                # value tile of the backward's residual sweep (0: BV)
+    residual_stages: int = 0    # its pipelining depth (0: sweep_stages)
+
+    @property
+    def residual_tiling(self) -> "Tiling":
+        """This tiling as the backward's residual sweep runs it (its own value tile and stages)."""
+        return self._replace(BV=self.BVR or self.BV, sweep_stages=self.residual_stages or self.sweep_stages)
 
     @property
     def sweep_launch(self) -> dict:

@@ -291,8 +291,11 @@ def test_mosaic_gradient_kernels_match_scan(case, key_grads):
     _assert_grads_close(grads, grads_ref, TOL[BF16][1])
 
 
-def test_triton_gradients_with_several_key_and_value_tiles():
-    """Small tiles force the Triton kernels' inner loops over value tiles and the grid over key tiles."""
+@pytest.mark.parametrize("segments", [1, 2])
+def test_triton_gradients_with_several_key_and_value_tiles(segments):
+    """Small tiles force the Triton kernels' inner loops over value tiles and the grid over key tiles;
+    the backward's residual sweep runs on its own value tile (32 against the other sweeps' 16), alone
+    and under context parallelism."""
     x = random_op_inputs(16, B=1, T=64, H=1, HV=2, K=20, V=40, with_state=True, num_docs=3)
     reset = resets_from_segment_ids(jnp.asarray(x["segment_ids"]))
     rng = np.random.default_rng(17)
@@ -312,8 +315,8 @@ def test_triton_gradients_with_several_key_and_value_tiles():
 
     args = [jnp.asarray(x[n]) for n in (*OP_ARGS, "initial_state")]
     grads_ref = jax.grad(loss(scan_fn), tuple(range(6)))(*args)
-    grads = jax.grad(loss(pallas_gated_delta_rule, sweeps="triton", block_v=16, inner_block_v=16,
-                          block_k=16), tuple(range(6)))(*args)
+    grads = jax.grad(loss(pallas_gated_delta_rule, sweeps="triton", block_v=16, residual_block_v=32,
+                          inner_block_v=16, block_k=16, segments=segments), tuple(range(6)))(*args)
     for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
         assert rel_err(gp, gr) < 1e-4, (name, rel_err(gp, gr))
 
@@ -422,6 +425,19 @@ def test_pallas_on_hopper_follows_the_measured_preference(monkeypatch):
     assert pick(BF16, 128, 128, 32) == "pallas_triton"
 
 
+def test_measured_mosaic_defaults_apply_on_a_gpu_up_to_128():
+    """The warp-specialised sweeps and the fused gradient kernel are the Mosaic defaults where they
+    were measured to pay and fit (a GPU, padded K <= 128; V <= 128 for the fused kernel), and not in
+    interpret mode or on the Triton sweeps."""
+    from kernels_pallas.gated_delta_rule import _mosaic_on_gpu_up_to_128 as rule
+
+    assert rule("mosaic", 128, 128, False) and rule("mosaic", 100, 80, False, values=True)
+    assert rule("mosaic", 128, 256, False) and not rule("mosaic", 128, 256, False, values=True)
+    assert not rule("mosaic", 256, 128, False)
+    assert not rule("mosaic", 128, 128, True)
+    assert not rule("triton", 128, 128, False)
+
+
 def test_head_dims_pad_to_the_value_tiles_and_bad_tiles_are_named():
     """K pads to a power of two; V to a power of two up to 64 and to a multiple of 64 above (the
     paper's V = 400 runs as 448, not 512); value tiles that do not divide it are refused by name."""
@@ -436,7 +452,12 @@ def test_head_dims_pad_to_the_value_tiles_and_bad_tiles_are_named():
     t = make_tiling(K=128, V=320, **kw)
     assert (t.K, t.V, t.BV, t.BVI) == (128, 320, 32, 64)  # 128 does not divide 320: inner tile 64
     assert make_tiling(K=128, V=384, **kw).BVI == 128
+    # The residual sweep's tile: 64 on Triton at K > 128 (one pipelining stage then fits), else block_v.
+    t256 = make_tiling(K=256, V=448, **kw)
+    assert (t256.BV, t256.sweep_stages, t256.BVR, t256.residual_stages) == (32, 2, 64, 1)
+    assert t256.residual_tiling.BV == 64 and t256.residual_tiling.sweep_stages == 1
+    assert (t.BVR, t.residual_tiling.BV) == (32, 32)
     for name, bad in (("block_v", dict(block_v=128)), ("inner_block_v", dict(inner_block_v=128)),
-                      ("block_v", dict(block_v=48))):
+                      ("block_v", dict(block_v=48)), ("residual_block_v", dict(residual_block_v=128))):
         with pytest.raises(ValueError, match=name):
             make_tiling(K=128, V=320, **bad, **kw)
