@@ -60,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,16,64,256", help="decode batch sizes")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens of the decode rows")
     p.add_argument("--new", type=int, default=128, help="new tokens per decode row")
-    p.add_argument("--prefill", default="4096,32768", help="prompt lengths of the prefill rows")
+    p.add_argument("--prefill", default="4096,32768",
+                   help="prompt lengths of the prefill rows ('' for none)")
     p.add_argument("--iters", type=int, default=3, help="timed repetitions (median)")
     p.add_argument("--dtype", default=None, help="inference dtype (default: the preset's, bf16)")
     p.add_argument("--gdn_impl", default=None, help="gated_delta_rule impl (default: auto)")
@@ -83,6 +84,10 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown variants {bad}")
     args.batches, args.prefill = _ints(args.batches), _ints(args.prefill)
+    for name in ("batches", "prefill"):
+        if any(n < 1 for n in getattr(args, name)):
+            p.error(f"--{name} must be positive integers, got {getattr(args, name)} "
+                    f"({'leave it empty for no prefill rows' if name == 'prefill' else 'B >= 1'})")
     return args
 
 

@@ -4,9 +4,9 @@
 # "flashqla", .anchors); logs go to $OUT (or ./gpu_logs), one file per step, and the tail of each
 # is printed at the end. Every step has its own timeout, so one that hangs cannot take the call.
 #
-#   bash bench/gpu_pending.sh kernels      # issue 10: fkg, rw2 and both against the default, in rounds
+#   bash bench/gpu_pending.sh k256         # issue 10: the masked paper layer checked, then K = 256 vs FLA
+#   bash bench/gpu_pending.sh kernels      # issue 10: the new Mosaic defaults against the old, K = 128 shapes
 #   bash bench/gpu_pending.sh breakdown    # issue 10: per-kernel times of every Mosaic variant
-#   bash bench/gpu_pending.sh k256         # issue 10/13: Triton knobs at K = 256 (1.3B layers)
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
 #   bash bench/gpu_pending.sh generation   # issue 11: fla_gdn_1.3b with FLA in the same run
 #   bash bench/gpu_pending.sh generation2  # issue 11: gdn_1.3b, S-NIAH wall time, CUDA graphs
@@ -15,7 +15,7 @@
 #   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA at the K = 128 shapes, same run
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh kernels|breakdown|k256|parity|generation|generation2|scale|train_profile|lm_eval|flashqla"}
+part=${1:?"usage: bash bench/gpu_pending.sh k256|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval|flashqla"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -32,27 +32,28 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a timeout, logging t
 }
 
 case $part in
+k256)
+    # Written 2026-12-03 after run K: the Triton kernels read q, k, v at their true widths (masked),
+    # A_qk comes from prepare, and the residual sweep has its own value tile (bvr; 64 at K > 128).
+    # First every K = 256 path checked on the GPU (gradients included: masks are new there), then
+    # the default against the old residual tile, and FLA, in rounds.
+    step k256_check 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes paper1.3b,fla1.3b --iters 20 --no-chunk --no-fla --breakdown-only --variants triton
+    step k256_breakdown 90 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes paper1.3b_padded --iters 20 --no-check --no-chunk --no-fla --breakdown-only \
+        --variants triton
+    step k256_time 320 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
+        python3 bench/bench_kernels.py --shapes paper1.3b,fla1.3b --iters 20 --rounds 2 \
+        --no-chunk --no-check --variants triton,triton-bvr32,triton-bv64 ;;
 kernels)
-    v=mosaic,mosaic-fkg,mosaic-rw2,mosaic-fkgrw2,mosaic-fkgkr1rw2
-    step kernels_check 200 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
-        --shapes h16k128 --iters 30 --no-chunk --no-fla --check-all --breakdown-only --variants $v
-    step kernels_time 360 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
-        python3 bench/bench_kernels.py --shapes h16k128,qwen3next,t16k --iters 20 --rounds 3 \
-        --no-chunk --no-check --variants $v,triton ;;
+    # The Mosaic defaults at K <= 128 (fused key grads, two-warpgroup reverse) against the old ones.
+    step kernels_time 560 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
+        python3 bench/bench_kernels.py --shapes h16k128,qwen3next,t16k --iters 20 --rounds 2 \
+        --no-chunk --no-check --variants mosaic,mosaic-tkgrw1,triton ;;
 breakdown)
     step breakdown 200 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
         --shapes h16k128 --iters 30 --no-check --no-chunk --no-fla --breakdown-only \
         --variants mosaic,mosaic-fkg,mosaic-rw2,mosaic-mp1,mosaic-mkg,triton ;;
-k256)
-    # K = 256: the fla_gdn_1.3b training layer (21 of them are ~a quarter of its step) and the
-    # paper layer, where the Triton backend is the default and behind FLA. The breakdown tunes each
-    # kernel's knobs (sweeps: bv, x; chunk-parallel kernels: k, bi, w); then end to end vs FLA.
-    step k256_breakdown 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
-        --shapes fla1.3b --iters 20 --no-check --no-chunk --no-fla --breakdown-only \
-        --variants triton,triton-x8,triton-bv64,triton-bv64x8,triton-k128,triton-bi128,triton-w8,triton-k128w8,mosaic
-    step k256_time 260 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
-        python3 bench/bench_kernels.py --shapes fla1.3b,paper1.3b --iters 20 --rounds 2 --no-chunk \
-        --variants triton,triton-x8,triton-bv64,mosaic ;;
 parity)
     # FLA's float32 logits took 130 s (Triton compiles); our Pallas path at float32 and K = 256 had
     # not finished compiling 4 minutes later (2026-12-03), so chunk goes first.
@@ -88,7 +89,7 @@ lm_eval)
 flashqla)
     mkdir -p /tmp/siteq && tar -xJf .anchors/qla.tar.xz -C /tmp/siteq
     step flashqla 560 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
-        --shapes h16k128,t16k --variants mosaic --no-check --iters 20 --no-chunk \
+        --shapes h16k128,t16k --variants mosaic,triton --no-check --iters 20 --no-chunk \
         --flashqla-site /tmp/siteq ;;
 *)
     echo "unknown part '$part'"; exit 2 ;;

@@ -26,7 +26,7 @@ from kernels_pallas import backend
 from kernels_pallas.backend import mm
 from kernels_pallas.chunk_math import chunk_decays, gate_grad_from_pairs
 from kernels_pallas.forward import load_docs
-from kernels_pallas.layout import Tiling
+from kernels_pallas.layout import Tiling, traced_zero
 
 
 def local_dvnew(q, k, g, docs, do, tiling: Tiling, mm_dtype):
@@ -41,14 +41,16 @@ def local_dvnew(q, k, g, docs, do, tiling: Tiling, mm_dtype):
         doc_refs = refs[3:3 + len(docs)]
         do_ref, out_ref = refs[3 + len(docs):]
         dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
-        qk = mm(q_ref[...], k_ref[...], tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
+        whole = (slice(None),)
+        qk = mm(t.load_keys(q_ref, whole), t.load_keys(k_ref, whole), tb=True,
+                dtype=mm_dtype) * (dec.gamma * t.scale)
         for j in range(V // BV):
-            vs = pl.ds(j * BV, BV)
-            out_ref[:, vs] = mm(qk, do_ref[:, vs], ta=True, dtype=mm_dtype).astype(out_ref.dtype)
+            do_c = t.load_values(do_ref, whole, j * BV, BV)
+            out_ref[:, pl.ds(j * BV, BV)] = mm(qk, do_c, ta=True, dtype=mm_dtype).astype(out_ref.dtype)
 
     return backend.call(
         kernel, grid=t.chunk_grid,
-        in_specs=[t.qk_spec(), t.qk_spec(), t.gate_spec(), *[t.doc_spec()] * len(docs), t.head_spec(V)],
+        in_specs=[t.qk_spec(), t.qk_spec(), t.gate_spec(), *[t.doc_spec()] * len(docs), t.value_spec()],
         out_specs=t.head_spec(V),
         out_shape=jax.ShapeDtypeStruct((t.B, t.N, t.C, t.HV, V), mm_dtype),
         **t.chunk_launch, name="gdn_local_dvnew",
@@ -69,21 +71,25 @@ def reverse_sweep(q, k, w, g, docs, do, dvn_local, dS_final, tiling: Tiling, mm_
         do_ref, loc_ref, dsT_ref = refs[4 + len(docs):7 + len(docs)]
         ds_out_ref, dvn_ref, ds0_ref = refs[7 + len(docs):] if full else (None, None, refs[-1])
         b, hv, h = t.heads(pl.program_id(0))
-        vs = pl.ds(pl.program_id(1) * BV, BV)
+        v0 = pl.program_id(1) * BV
+        vs = pl.ds(v0, BV)
+        k0 = traced_zero()
 
         # As in the forward sweep, q, k and w stay in their own dtype and the per-position scalings
         # go on the [C, BV] side of each product.
         def chunk(i, dS):
             n = t.N - 1 - i  # Triton lowers only forward loops, so walk backwards by index
             dec = chunk_decays(g_ref[b, n, :, hv], *load_docs(doc_refs, b, n))
-            do_c = do_ref[b, n, :, hv, vs].astype(jnp.float32)
+            rows = (b, n, slice(None), h)
+            do_c = t.load_values(do_ref, (b, n, slice(None), hv), v0, BV).astype(jnp.float32)
             dvn = (loc_ref[b, n, :, hv, vs].astype(jnp.float32)
-                   + dec.d_out[:, None] * mm(k_ref[b, n, :, h, :], dS, dtype=mm_dtype))
+                   + dec.d_out[:, None] * mm(t.load_keys(k_ref, rows, k0), dS, dtype=mm_dtype))
             if full:
                 ds_out_ref[b, n, hv, :, vs] = dS.astype(ds_out_ref.dtype)
                 dvn_ref[b, n, :, hv, vs] = dvn.astype(dvn_ref.dtype)
             return (dec.d_chunk * dS
-                    + mm(q_ref[b, n, :, h, :], do_c * (dec.d_in * t.scale)[:, None], ta=True, dtype=mm_dtype)
+                    + mm(t.load_keys(q_ref, rows, k0), do_c * (dec.d_in * t.scale)[:, None], ta=True,
+                         dtype=mm_dtype)
                     - mm(w_ref[b, n, :, hv, :], dvn, ta=True, dtype=mm_dtype))
 
         ds0_ref[b, hv, :, vs] = jax.lax.fori_loop(0, t.N, chunk, dsT_ref[b, hv, :, vs])
@@ -101,11 +107,12 @@ def reverse_sweep(q, k, w, g, docs, do, dvn_local, dS_final, tiling: Tiling, mm_
     return tuple(outs) if full else outs[0]
 
 
-def load_chunk(q_ref, k_ref, beta_ref, g_ref, doc_refs, scale):
-    """What both gradient kernels read of one chunk: scaled q, k (float32), beta and the decays."""
+def load_chunk(t: Tiling, q_ref, k_ref, beta_ref, g_ref, doc_refs, start=0, size=None):
+    """What both gradient kernels read of one chunk: scaled q, k (float32; key columns start..
+    start + size, default all), beta and the decays."""
     f32 = jnp.float32
-    return (q_ref[...].astype(f32) * scale, k_ref[...].astype(f32), beta_ref[...],
-            chunk_decays(g_ref[...], *load_docs(doc_refs)))
+    q_c, k_c = (t.load_keys(r, (slice(None),), start, size).astype(f32) for r in (q_ref, k_ref))
+    return q_c * t.scale, k_c, beta_ref[...], chunk_decays(g_ref[...], *load_docs(doc_refs))
 
 
 def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dtype):
@@ -123,19 +130,20 @@ def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dt
         doc_refs = refs[5:5 + len(docs)]
         T_ref, do_ref, vn_ref, dvn_ref, tdvn_ref, dqk_ref, y_ref, dG_ref, dbeta_ref = refs[5 + len(docs):]
         f32 = jnp.float32
-        q_c, k_c, beta_c, dec = load_chunk(q_ref, k_ref, beta_ref, g_ref, doc_refs, t.scale)
+        q_c, k_c, beta_c, dec = load_chunk(t, q_ref, k_ref, beta_ref, g_ref, doc_refs)
         T = T_ref[...]
         do_vn = jnp.zeros((C, C), f32)    # dO Vnew^T
         dvn_vn = jnp.zeros((C, C), f32)   # dVnew Vnew^T
         dbeta = jnp.zeros((C,), f32)
         for j in range(V // BV):
             vs = pl.ds(j * BV, BV)
-            do_c, vn, dvn = (r[:, vs] for r in (do_ref, vn_ref, dvn_ref))  # matmul operands only
+            vn, dvn = vn_ref[:, vs], dvn_ref[:, vs]  # matmul operands only
+            do_c = t.load_values(do_ref, (slice(None),), j * BV, BV)
             do_vn += mm(do_c, vn, tb=True, dtype=mm_dtype)
             dvn_vn += mm(dvn, vn, tb=True, dtype=mm_dtype)
             t_dvn = mm(T, dvn, ta=True, dtype=mm_dtype)              # T^T dVnew = d(beta V)
             tdvn_ref[:, vs] = t_dvn.astype(tdvn_ref.dtype)
-            dbeta += jnp.sum(t_dvn * v_ref[:, vs].astype(f32), axis=1)
+            dbeta += jnp.sum(t_dvn * t.load_values(v_ref, (slice(None),), j * BV, BV).astype(f32), axis=1)
 
         kk = mm(k_c, k_c, tb=True, dtype=mm_dtype)
         A = jnp.where(dec.strict, beta_c[:, None] * kk * dec.gamma, 0.0)
@@ -157,9 +165,9 @@ def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dt
     pair = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, C), mm_dtype)
     return backend.call(
         kernel, grid=t.chunk_grid,
-        in_specs=[t.qk_spec(), t.qk_spec(), t.head_spec(V), t.gate_spec(), t.gate_spec(),
+        in_specs=[t.qk_spec(), t.qk_spec(), t.value_spec(), t.gate_spec(), t.gate_spec(),
                   *[t.doc_spec()] * len(docs), t.head_spec(C),
-                  t.head_spec(V), t.head_spec(V), t.head_spec(V)],
+                  t.value_spec(), t.head_spec(V), t.head_spec(V)],
         out_specs=[t.head_spec(V), t.head_spec(C), t.head_spec(C), t.gate_spec(), t.gate_spec()],
         out_shape=[jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype), pair, pair, gate, gate],
         **t.chunk_launch, name="gdn_pair_grads",
@@ -180,7 +188,8 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
         (dqk_ref, y_ref, s_ref, dso_ref, do_ref, vn_ref, tdvn_ref,
          dq_ref, dk_ref, dG_ref, dbeta_ref) = refs[4 + len(docs):]
         f32 = jnp.float32
-        q_c, k_c, beta_c, dec = load_chunk(q_ref, k_ref, beta_ref, g_ref, doc_refs, t.scale)
+        k0 = pl.program_id(0) * BK
+        q_c, k_c, beta_c, dec = load_chunk(t, q_ref, k_ref, beta_ref, g_ref, doc_refs, k0, BK)
         dq_raw = jnp.zeros((C, BK), f32)   # dO S^T
         dk_out = jnp.zeros((C, BK), f32)   # Vnew dS^T: gradient of (d_out * K)
         dkbg = jnp.zeros((C, BK), f32)     # -(T^T dVnew) S^T: gradient of (beta * d_in * K)
@@ -188,17 +197,17 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
         for j in range(V // BV):
             vs = pl.ds(j * BV, BV)
             S, dS = s_ref[:, vs], dso_ref[:, vs]  # stored in mm_dtype: operands, not converted
-            dq_raw += mm(do_ref[:, vs], S, tb=True, dtype=mm_dtype)
+            dq_raw += mm(t.load_values(do_ref, (slice(None),), j * BV, BV), S, tb=True, dtype=mm_dtype)
             dk_out += mm(vn_ref[:, vs], dS, tb=True, dtype=mm_dtype)
             dkbg -= mm(tdvn_ref[:, vs], S, tb=True, dtype=mm_dtype)
             s_ds += jnp.sum(S.astype(f32) * dS.astype(f32))
 
         d_qk, Y = dqk_ref[...], y_ref[...]
-        dq_ref[...] = ((dq_raw * dec.d_in[:, None] + mm(d_qk, k_c, dtype=mm_dtype)) * t.scale
-                       ).astype(dq_ref.dtype)
-        dk_ref[...] = (mm(d_qk, q_c, ta=True, dtype=mm_dtype) + dk_out * dec.d_out[:, None]
-                       + dkbg * (beta_c * dec.d_in)[:, None]
-                       + mm(Y, k_c, dtype=mm_dtype) + mm(Y, k_c, ta=True, dtype=mm_dtype)).astype(dk_ref.dtype)
+        whole = (slice(None),)
+        t.store_keys(dq_ref, whole, k0, BK, (dq_raw * dec.d_in[:, None] + mm(d_qk, k_c, dtype=mm_dtype)) * t.scale)
+        t.store_keys(dk_ref, whole, k0, BK, mm(d_qk, q_c, ta=True, dtype=mm_dtype) + dk_out * dec.d_out[:, None]
+                     + dkbg * (beta_c * dec.d_in)[:, None]
+                     + mm(Y, k_c, dtype=mm_dtype) + mm(Y, k_c, ta=True, dtype=mm_dtype))
         kbg_dot = dec.d_in * jnp.sum(dkbg * k_c, axis=1)
         x_out = dec.d_out * jnp.sum(k_c * dk_out, axis=1)
         dG_ref[...] = (dec.d_in * jnp.sum(q_c * dq_raw, axis=1) + beta_c * kbg_dot - x_out
@@ -208,16 +217,16 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
     f32 = jnp.float32
     # Without GVA dq and dk are final here, so they are written in the matmul dtype (the inputs' for
     # bf16/f16); value heads that share a q/k head are summed outside, in float32.
-    per_key = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, t.K), mm_dtype if t.group == 1 else f32)
+    per_key = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, t.key_width), mm_dtype if t.group == 1 else f32)
     partial = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, t.K // BK), f32)
     kt = t.key_tiled
     return backend.call(
         kernel, grid=t.key_tiled_grid,
-        in_specs=[kt(t.qk_spec(key_tiled=True)), kt(t.qk_spec(key_tiled=True)), kt(t.gate_spec()),
+        in_specs=[kt(t.qk_spec()), kt(t.qk_spec()), kt(t.gate_spec()),
                   kt(t.gate_spec()), *[kt(t.doc_spec())] * len(docs), kt(t.head_spec(C)), kt(t.head_spec(C)),
                   kt(t.state_spec(key_tiled=True)), kt(t.state_spec(key_tiled=True)),
-                  kt(t.head_spec(V)), kt(t.head_spec(V)), kt(t.head_spec(V))],
-        out_specs=[kt(t.head_spec(BK, key_tiled=True)), kt(t.head_spec(BK, key_tiled=True)),
+                  kt(t.value_spec()), kt(t.head_spec(V)), kt(t.head_spec(V))],
+        out_specs=[kt(t.key_out_spec()), kt(t.key_out_spec()),
                    kt(t.partial_spec()), kt(t.partial_spec())],
         out_shape=[per_key, per_key, partial, partial],
         **t.chunk_launch, name="gdn_key_grads",

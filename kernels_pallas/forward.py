@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from kernels_pallas import backend
 from kernels_pallas.backend import mm
 from kernels_pallas.chunk_math import chunk_decays, unit_lower_inverse
-from kernels_pallas.layout import Tiling
+from kernels_pallas.layout import Tiling, traced_zero
 
 
 def load_docs(doc_refs, *index):
@@ -61,11 +61,12 @@ def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None, t_only=Fal
             (T_ref,) = rest
         else:
             w_ref, u_ref, T_ref, *aqk_ref = rest
-        k_c = k_ref[...]  # stays in its own dtype: scalings go on the [C, C] side, not on [C, K]
+        whole = (slice(None),)
+        k_c = t.load_keys(k_ref, whole)  # stays in its own dtype: scalings go on the [C, C] side
         beta_c = beta_ref[...]
         dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
         if with_qk:
-            qk = mm(q_ref[...], k_c, tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
+            qk = mm(t.load_keys(q_ref, whole), k_c, tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
             aqk_ref[0][...] = qk.astype(aqk_ref[0].dtype)
         if given_T:
             T = T_in_ref[...].astype(jnp.float32)
@@ -80,7 +81,8 @@ def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None, t_only=Fal
         w_ref[...] = mm(T_beta * dec.d_in[None, :], k_c, dtype=mm_dtype).astype(w_ref.dtype)
         for j in range(V // t.BVI):  # value tiles bound the live registers for wide V
             vs = pl.ds(j * t.BVI, t.BVI)
-            u_ref[:, vs] = mm(T_beta, v_ref[:, vs], dtype=mm_dtype).astype(u_ref.dtype)
+            v_c = t.load_values(v_ref, whole, j * t.BVI, t.BVI)
+            u_ref[:, vs] = mm(T_beta, v_c, dtype=mm_dtype).astype(u_ref.dtype)
 
     pair = jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, C), mm_dtype)
     out_specs = [t.head_spec(K), t.head_spec(V), t.head_spec(C), t.head_spec(C)]
@@ -90,7 +92,7 @@ def prepare(k, v, g, beta, docs, tiling: Tiling, mm_dtype, *, T=None, t_only=Fal
     out_specs, out_shape = out_specs[picked], out_shape[picked]
     outs = backend.call(
         kernel, grid=t.chunk_grid,
-        in_specs=[t.qk_spec(), t.head_spec(V), t.gate_spec(), t.gate_spec(),
+        in_specs=[t.qk_spec(), t.value_spec(), t.gate_spec(), t.gate_spec(),
                   *[t.doc_spec()] * len(docs), *[t.qk_spec()] * with_qk, *[t.head_spec(C)] * given_T],
         out_specs=out_specs, out_shape=out_shape,
         **t.chunk_launch, name="gdn_prepare",
@@ -127,21 +129,24 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode:
         sT_ref = outs.pop(0)
         s_in_ref, vn_ref = outs if with_res else (None, None)
         b, hv, h = t.heads(pl.program_id(0))
-        vs = pl.ds(pl.program_id(1) * BV, BV)
+        v0 = pl.program_id(1) * BV
+        vs = pl.ds(v0, BV)
+        k0 = traced_zero()
 
         # q, k and w stay in their own dtype: every per-position scaling is applied to the narrower
         # [C, BV] or [C, C] side of a product, so no float32 copy of a [C, K] tile is ever live.
         def chunk(n, S):
-            k_c = k_ref[b, n, :, h, :]
+            k_c = t.load_keys(k_ref, (b, n, slice(None), h), k0)
             dec = chunk_decays(g_ref[b, n, :, hv], *load_docs(doc_refs, b, n))
             vnew = u_ref[b, n, :, hv, vs].astype(jnp.float32) - mm(w_ref[b, n, :, hv, :], S, dtype=mm_dtype)
             if with_res:
                 s_in_ref[b, n, hv, :, vs] = S.astype(s_in_ref.dtype)
                 vn_ref[b, n, :, hv, vs] = vnew.astype(vn_ref.dtype)
             if with_o:
-                o = ((dec.d_in * t.scale)[:, None] * mm(q_ref[b, n, :, h, :], S, dtype=mm_dtype)
+                q_c = t.load_keys(q_ref, (b, n, slice(None), h), k0)
+                o = ((dec.d_in * t.scale)[:, None] * mm(q_c, S, dtype=mm_dtype)
                      + mm(aqk_ref[b, n, :, hv, :], vnew, dtype=mm_dtype))
-                o_ref[b, n, :, hv, vs] = o.astype(o_ref.dtype)
+                t.store_values(o_ref, (b, n, slice(None), hv), v0, BV, o)
             return dec.d_chunk * S + mm(k_c, vnew * dec.d_out[:, None], ta=True, dtype=mm_dtype)
 
         S = jax.lax.fori_loop(0, t.N, chunk, s0_ref[b, hv, :, vs])
@@ -149,7 +154,7 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode:
 
     out_shape = [jax.ShapeDtypeStruct((t.B, t.HV, K, V), jnp.float32)]
     if with_o:
-        out_shape.insert(0, jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), out_dtype))
+        out_shape.insert(0, jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, t.value_width), out_dtype))
     if with_res:
         out_shape += [jax.ShapeDtypeStruct((t.B, t.N, t.HV, K, V), mm_dtype),
                       jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype)]

@@ -204,11 +204,11 @@ def _chunked_bwd(t, res, cotangents):
         x, initial_state, segments, kept, do, dS_final, t)
     t_dvn, dq, dk, dG, dbeta = CHUNK_GRADS[t.key_grads](q, k, v, g, beta, docs, T, do, vnew, dvnew,
                                                         states_in, dstates_out, t, mm_dtype)
-    dv = t_dvn.astype(jnp.float32) * beta[..., None]  # d(beta V) = T^T dVnew
+    dv = t_dvn[..., :v.shape[-1]].astype(jnp.float32) * beta[..., None]  # d(beta V) = T^T dVnew
     dg = jnp.flip(jnp.cumsum(jnp.flip(dG, 2), 2), 2)  # g -> G is a cumsum within each chunk
     if t.group > 1:  # value heads that share a q/k head add their gradients
-        dq = dq.reshape(*dq.shape[:3], t.H, t.group, t.K).sum(4)
-        dk = dk.reshape(*dk.shape[:3], t.H, t.group, t.K).sum(4)
+        dq = dq.reshape(*dq.shape[:3], t.H, t.group, t.key_width).sum(4)
+        dk = dk.reshape(*dk.shape[:3], t.H, t.group, t.key_width).sum(4)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, dbeta, d_initial, None)
 
 
@@ -325,7 +325,11 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                mosaic_warpgroups=mosaic_warpgroups, reverse_warpgroups=reverse_warpgroups,
                key_grads=key_grads,
                keep_residuals=bool(keep_residuals), mosaic_prepare=bool(mosaic_prepare), segments=segments,
-               interpret=bool(interpret), BVR=residual_block_v, residual_stages=residual_stages)
+               interpret=bool(interpret), BVR=residual_block_v, residual_stages=residual_stages,
+               # The Triton kernels mask at the true head dims, so q, k, v need no padded copies;
+               # the Mosaic ones (TMA tiles) read padded arrays.
+               Kd=K if key_grads == "triton" and sweeps == "triton" else Kp,
+               Vd=V if key_grads == "triton" and sweeps == "triton" else Vp)
     if sweeps == "mosaic":
         reason = (mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
                   or mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BVR, dtype=dtype))
@@ -347,9 +351,11 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
 def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size, **launch):
     """Same contract as `gdn_jax.chunked.chunk_gated_delta_rule` (T a multiple of chunk_size).
 
-    Head dims are zero-padded (`padded_head_dims`: K to a power of two, V to a multiple of the value
-    tiles), which changes nothing: zero key/query columns add nothing to any product and zero value
-    columns give zero outputs.
+    The kernels compute at head dims padded with zeros (`padded_head_dims`: K to a power of two, V to
+    a multiple of the value tiles), which changes nothing: zero key/query columns add nothing to any
+    product and zero value columns give zero outputs. The Triton kernels read q, k, v and write o,
+    dq, dk at their true widths (masked loads and stores), so only the small state is padded; with a
+    Mosaic kernel in the call, q, k, v are copied padded (TMA tiles of 64 columns).
     `launch` holds launch parameters only (see `make_tiling` for their defaults); every choice computes
     the same function:
       sweeps: "triton" or "mosaic", the lowering of the two sequential sweeps (SWEEPS);
@@ -382,10 +388,10 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
                          has_docs=reset is not None, dtype=q.dtype, **launch)
     N, C, Kp, Vp = tiling.N, tiling.C, tiling.K, tiling.V
     chunked = lambda x: x.reshape(B, N, C, *x.shape[2:])
-    q_, k_ = (chunked(_pad_last(x, Kp)) for x in (q, k))
-    v_ = chunked(_pad_last(v, Vp))
+    q_, k_ = (chunked(_pad_last(x, tiling.key_width)) for x in (q, k))
+    v_ = chunked(_pad_last(v, tiling.value_width))
     g_, beta_ = (chunked(x.astype(jnp.float32)) for x in (g, beta))
     S0 = _pad_last(jnp.pad(initial_state, [(0, 0), (0, 0), (0, Kp - K), (0, 0)]), Vp)
     docs = () if reset is None else document_masks(reset, N, C)
     o, S = _chunked(q_, k_, v_, g_, beta_, S0, docs, tiling)
-    return o.reshape(B, T, HV, Vp)[..., :V], S[:, :, :K, :V]
+    return o.reshape(B, T, HV, -1)[..., :V], S[:, :, :K, :V]

@@ -7,13 +7,21 @@ Arrays travel chunk-major without copies, by reshaping T into (N, C):
   per-chunk states          [B, N, HV, K, V] (chunk-major, so sequence segments split and merge by reshape)
 Programs are indexed by (chunk n, batch-head bh) for chunk-parallel kernels and by (bh, value tile j)
 for the kernels that walk the chunks in order; value head hv = bh % HV reads q/k head hv // (HV // H).
+
+Head dims: the kernels compute at K and V padded to their tiles (`Tiling.K`, `Tiling.V`), while the
+Triton kernels read and write the caller's arrays at their true widths (`Tiling.Kd`, `Tiling.Vd`:
+q, k and dq, dk are Kd wide; v, dO and o are Vd wide) through masked loads that give zeros beyond
+them and masked stores; arrays made inside the op (W, U, T, Vnew, states, ...) are padded.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 
 class Tiling(NamedTuple):
@@ -50,6 +58,31 @@ class Tiling(NamedTuple):
     interpret: bool = False     # run every kernel in Pallas interpret mode (CPU)
     BVR: int = 0                # value tile of the backward's residual sweep (0: BV)
     residual_stages: int = 0    # its pipelining depth (0: sweep_stages)
+    Kd: int = 0                 # q, k (and dq, dk) as the caller holds them: true width (0: K)
+    Vd: int = 0                 # v, dO and o: true width (0: V)
+
+    @property
+    def key_width(self) -> int:
+        return self.Kd or self.K
+
+    @property
+    def value_width(self) -> int:
+        return self.Vd or self.V
+
+    def load_keys(self, ref, lead, start=0, size=None):
+        """[C, size] columns start.. of a q/k-like ref (last dim Kd), zeros beyond Kd. Inside a loop,
+        start must be traced (`traced_zero`)."""
+        return _load_cols(ref, lead, start, size or self.K, self.key_width, self.K, self.C)
+
+    def load_values(self, ref, lead, start, size):
+        """[C, size] columns start.. of a v/dO-like ref (last dim Vd), zeros beyond Vd."""
+        return _load_cols(ref, lead, start, size, self.value_width, self.V, self.C)
+
+    def store_keys(self, ref, lead, start, size, value):
+        _store_cols(ref, lead, start, size, self.key_width, self.K, value)
+
+    def store_values(self, ref, lead, start, size, value):
+        _store_cols(ref, lead, start, size, self.value_width, self.V, value)
 
     @property
     def residual_tiling(self) -> "Tiling":
@@ -97,16 +130,21 @@ class Tiling(NamedTuple):
         return b, hv, hv // self.group
 
     # BlockSpecs for chunk-parallel kernels, grid (n, bh) or (n, bh, key tile kt).
-    def qk_spec(self, key_tiled=False):
-        width = self.BK if key_tiled else self.K
-        return pl.BlockSpec((None, None, self.C, None, width),
-                            lambda n, bh, kt=0: (bh // self.HV, n, 0, (bh % self.HV) // self.group, kt))
+    def qk_spec(self):
+        """q or k of the program's q/k head, the whole (true) key width: [C, Kd]."""
+        return pl.BlockSpec((None, None, self.C, None, self.key_width),
+                            lambda n, bh, *_: (bh // self.HV, n, 0, (bh % self.HV) // self.group, 0))
 
-    def head_spec(self, width, key_tiled=False):
-        """[C, width] of value head hv; key_tiled: width is BK and the block follows the key tile."""
-        if key_tiled:
-            return pl.BlockSpec((None, None, self.C, None, self.BK),
-                                lambda n, bh, kt: (bh // self.HV, n, 0, bh % self.HV, kt))
+    def value_spec(self):
+        """v, dO or o of value head hv, the whole (true) value width: [C, Vd]."""
+        return self.head_spec(self.value_width)
+
+    def key_out_spec(self):
+        """dq or dk of value head hv, [C, Kd] (each key-tiled program stores its BK columns)."""
+        return self.head_spec(self.key_width)
+
+    def head_spec(self, width):
+        """[C, width] of value head hv."""
         return pl.BlockSpec((None, None, self.C, None, width),
                             lambda n, bh, *_: (bh // self.HV, n, 0, bh % self.HV, 0))
 
@@ -126,3 +164,36 @@ class Tiling(NamedTuple):
         rows = self.BK if key_tiled else self.K
         return pl.BlockSpec((None, None, None, rows, self.V),
                             lambda n, bh, kt=0: (bh // self.HV, n, bh % self.HV, kt, 0))
+
+
+def traced_zero():
+    """0 as a traced value. Masked accesses may reach past the array's end, which is what the masks
+    are for, but Pallas checks concrete slice bounds as if every access were unmasked: a masked
+    access starts at a traced offset. Call it outside loops (the CPU interpreter resolves program ids
+    only at the kernel's top level) and pass it in."""
+    return pl.program_id(0) * 0
+
+
+def _traced(start):
+    return traced_zero() + start if isinstance(start, int) else start
+
+
+def _cols_mask(start, size, true, rows):
+    return start + jax.lax.broadcasted_iota(jnp.int32, (rows, size), 1) < true
+
+
+def _load_cols(ref, lead, start, size, true, padded, rows):
+    if true == padded:  # the array is as wide as the kernels' tiles: plain loads
+        return ref[(*lead, pl.ds(start, size))]
+    start = _traced(start)
+    return pl_triton.load(ref.at[(*lead, pl.ds(start, size))], mask=_cols_mask(start, size, true, rows),
+                          other=0)
+
+
+def _store_cols(ref, lead, start, size, true, padded, value):
+    if true == padded:
+        ref[(*lead, pl.ds(start, size))] = value.astype(ref.dtype)
+        return
+    start = _traced(start)
+    pl_triton.store(ref.at[(*lead, pl.ds(start, size))], value.astype(ref.dtype),
+                    mask=_cols_mask(start, size, true, value.shape[0]))

@@ -305,6 +305,17 @@ def test_bench_smoke_run_prints_its_tables(capsys):
     assert "| tiny | 32 |" in out
 
 
+def test_bench_arguments_name_what_is_wrong(capsys):
+    """An empty --prefill means no prefill rows; a zero or negative length is refused by name (a
+    prefill of 0 tokens used to reach the op and fail there, after the decode rows' minutes)."""
+    bench = _bench()
+    assert bench.parse_args(["--prefill", "", "--no-fla"]).prefill == []
+    for flag in ("--prefill", "--batches"):
+        with pytest.raises(SystemExit):
+            bench.parse_args([flag, "0"])
+        assert f"{flag} must be positive" in capsys.readouterr().err
+
+
 def test_niah_bench_before_path_decodes_like_generate():
     """bench/niah_walltime.py's "before" path (Python loop of decode_step on the float32 model) must
     produce the tokens generate() does on the same float32 model, else its wall time compares
