@@ -258,7 +258,7 @@ def flashqla_rows(site, names, iters, out_dir):
 VARIANT_KEYS = {"bv": "block_v", "bvr": "residual_block_v", "bi": "inner_block_v", "k": "block_k", "w": "num_warps", "s": "num_stages",
                 "x": "sweep_warps", "y": "sweep_stages", "ms": "mosaic_stages", "p": "segments",
                 "wg": "mosaic_warpgroups", "rw": "reverse_warpgroups", "kr": "keep_residuals",
-                "mp": "mosaic_prepare"}
+                "mp": "mosaic_prepare", "ls": "loop_stages"}
 
 
 # The backward's chunk-parallel kernels (gated_delta_rule.CHUNK_GRADS) by variant tag: the Triton pair
@@ -275,7 +275,8 @@ def parse_variants(text):
     the backward's Triton pair and key kernels (tkg), the Mosaic key-gradient kernel (mkg) or the
     fused Mosaic pair + key kernel (fkg); the
     chunk-parallel kernels' inner value tile (bi),
-    key tile (k), warps (w) and stages (s). Left out: the op's defaults."""
+    key tile (k), warps (w) and stages (s), and the gradient kernels' value-tile loop pipelined
+    (ls2, ls3; ls1 unrolled). Left out: the op's defaults."""
     out = []
     for item in text.split(","):
         backend, _, knobs = item.partition("-")

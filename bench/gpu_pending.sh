@@ -37,11 +37,13 @@ k256)
     # A_qk comes from prepare, and the residual sweep has its own value tile (bvr; 64 at K > 128).
     # First every K = 256 path checked on the GPU (gradients included: masks are new there), then
     # the default against the old residual tile, and FLA, in rounds.
-    step k256_check 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
-        --shapes paper1.3b,fla1.3b --iters 20 --no-chunk --no-fla --breakdown-only --variants triton
-    step k256_breakdown 90 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
-        --shapes paper1.3b_padded --iters 20 --no-check --no-chunk --no-fla --breakdown-only \
-        --variants triton
+    step k256_check 120 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes paper1.3b --iters 20 --no-chunk --no-fla --breakdown-only --variants triton
+    # ls2, ls3: the gradient kernels' value-tile loop software-pipelined (key grads were the largest
+    # kernel at fla1.3b, 0.97 ms against a ~0.37 ms memory floor)
+    step k256_breakdown 120 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes fla1.3b --iters 20 --no-chunk --no-fla --breakdown-only \
+        --variants triton,triton-ls2,triton-ls3
     step k256_time 320 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
         python3 bench/bench_kernels.py --shapes paper1.3b,fla1.3b --iters 20 --rounds 2 \
         --no-chunk --no-check --variants triton,triton-bvr32,triton-bv64 ;;

@@ -107,6 +107,17 @@ def reverse_sweep(q, k, w, g, docs, do, dvn_local, dS_final, tiling: Tiling, mm_
     return tuple(outs) if full else outs[0]
 
 
+def over_value_tiles(t: Tiling, body, carry):
+    """carry = body(start, carry) for the value tiles start = 0, BVI, 2 BVI, ... of V: unrolled
+    (t.loop_stages == 1), or as a loop that Triton software-pipelines loop_stages deep, so the next
+    tiles' loads are in flight while this one's products run."""
+    if t.loop_stages == 1:
+        for j in range(t.V // t.BVI):
+            carry = body(j * t.BVI, carry)
+        return carry
+    return jax.lax.fori_loop(0, t.V // t.BVI, lambda j, c: body(j * t.BVI, c), carry)
+
+
 def load_chunk(t: Tiling, q_ref, k_ref, beta_ref, g_ref, doc_refs, start=0, size=None):
     """What both gradient kernels read of one chunk: scaled q, k (float32; key columns start..
     start + size, default all), beta and the decays."""
@@ -132,18 +143,18 @@ def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dt
         f32 = jnp.float32
         q_c, k_c, beta_c, dec = load_chunk(t, q_ref, k_ref, beta_ref, g_ref, doc_refs)
         T = T_ref[...]
-        do_vn = jnp.zeros((C, C), f32)    # dO Vnew^T
-        dvn_vn = jnp.zeros((C, C), f32)   # dVnew Vnew^T
-        dbeta = jnp.zeros((C,), f32)
-        for j in range(V // BV):
-            vs = pl.ds(j * BV, BV)
+        def tile(v0, acc):
+            do_vn, dvn_vn, dbeta = acc  # dO Vnew^T, dVnew Vnew^T, the dbeta terms through V
+            vs = pl.ds(v0, BV)
             vn, dvn = vn_ref[:, vs], dvn_ref[:, vs]  # matmul operands only
-            do_c = t.load_values(do_ref, (slice(None),), j * BV, BV)
-            do_vn += mm(do_c, vn, tb=True, dtype=mm_dtype)
-            dvn_vn += mm(dvn, vn, tb=True, dtype=mm_dtype)
+            do_c = t.load_values(do_ref, (slice(None),), v0, BV)
             t_dvn = mm(T, dvn, ta=True, dtype=mm_dtype)              # T^T dVnew = d(beta V)
             tdvn_ref[:, vs] = t_dvn.astype(tdvn_ref.dtype)
-            dbeta += jnp.sum(t_dvn * t.load_values(v_ref, (slice(None),), j * BV, BV).astype(f32), axis=1)
+            return (do_vn + mm(do_c, vn, tb=True, dtype=mm_dtype), dvn_vn + mm(dvn, vn, tb=True, dtype=mm_dtype),
+                    dbeta + jnp.sum(t_dvn * t.load_values(v_ref, (slice(None),), v0, BV).astype(f32), axis=1))
+
+        do_vn, dvn_vn, dbeta = over_value_tiles(
+            t, tile, (jnp.zeros((C, C), f32), jnp.zeros((C, C), f32), jnp.zeros((C,), f32)))
 
         kk = mm(k_c, k_c, tb=True, dtype=mm_dtype)
         A = jnp.where(dec.strict, beta_c[:, None] * kk * dec.gamma, 0.0)
@@ -170,7 +181,7 @@ def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dt
                   t.value_spec(), t.head_spec(V), t.head_spec(V)],
         out_specs=[t.head_spec(V), t.head_spec(C), t.head_spec(C), t.gate_spec(), t.gate_spec()],
         out_shape=[jax.ShapeDtypeStruct((t.B, t.N, C, t.HV, V), mm_dtype), pair, pair, gate, gate],
-        **t.chunk_launch, name="gdn_pair_grads",
+        **t.loop_launch, name="gdn_pair_grads",
     )(q, k, v, g, beta, *docs, T, do, vnew, dvnew)
 
 
@@ -190,17 +201,19 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
         f32 = jnp.float32
         k0 = pl.program_id(0) * BK
         q_c, k_c, beta_c, dec = load_chunk(t, q_ref, k_ref, beta_ref, g_ref, doc_refs, k0, BK)
-        dq_raw = jnp.zeros((C, BK), f32)   # dO S^T
-        dk_out = jnp.zeros((C, BK), f32)   # Vnew dS^T: gradient of (d_out * K)
-        dkbg = jnp.zeros((C, BK), f32)     # -(T^T dVnew) S^T: gradient of (beta * d_in * K)
-        s_ds = jnp.zeros((), f32)          # <S, dS> over this key tile
-        for j in range(V // BV):
-            vs = pl.ds(j * BV, BV)
+        # dq_raw = dO S^T; dk_out = Vnew dS^T, the gradient of (d_out * K); dkbg = -(T^T dVnew) S^T,
+        # the gradient of (beta * d_in * K); s_ds = <S, dS> over this key tile.
+        def tile(v0, acc):
+            dq_raw, dk_out, dkbg, s_ds = acc
+            vs = pl.ds(v0, BV)
             S, dS = s_ref[:, vs], dso_ref[:, vs]  # stored in mm_dtype: operands, not converted
-            dq_raw += mm(t.load_values(do_ref, (slice(None),), j * BV, BV), S, tb=True, dtype=mm_dtype)
-            dk_out += mm(vn_ref[:, vs], dS, tb=True, dtype=mm_dtype)
-            dkbg -= mm(tdvn_ref[:, vs], S, tb=True, dtype=mm_dtype)
-            s_ds += jnp.sum(S.astype(f32) * dS.astype(f32))
+            return (dq_raw + mm(t.load_values(do_ref, (slice(None),), v0, BV), S, tb=True, dtype=mm_dtype),
+                    dk_out + mm(vn_ref[:, vs], dS, tb=True, dtype=mm_dtype),
+                    dkbg - mm(tdvn_ref[:, vs], S, tb=True, dtype=mm_dtype),
+                    s_ds + jnp.sum(S.astype(f32) * dS.astype(f32)))
+
+        zeros = jnp.zeros((C, BK), f32)
+        dq_raw, dk_out, dkbg, s_ds = over_value_tiles(t, tile, (zeros, zeros, zeros, jnp.zeros((), f32)))
 
         d_qk, Y = dqk_ref[...], y_ref[...]
         whole = (slice(None),)
@@ -229,5 +242,5 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
         out_specs=[kt(t.key_out_spec()), kt(t.key_out_spec()),
                    kt(t.partial_spec()), kt(t.partial_spec())],
         out_shape=[per_key, per_key, partial, partial],
-        **t.chunk_launch, name="gdn_key_grads",
+        **t.loop_launch, name="gdn_key_grads",
     )(q, k, g, beta, *docs, d_qk, Y, states_in, dstates_out, do, vnew, t_dvnew)

@@ -261,7 +261,7 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                 block_v=None, residual_block_v=None, inner_block_v=None, block_k=64, num_warps=4, num_stages=1, sweep_warps=4,
                 sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=None, reverse_warpgroups=None,
                 key_grads=None, keep_residuals=False, mosaic_prepare=False, segments=None,
-                interpret=None) -> Tiling:
+                loop_stages=1, interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here: `padded_head_dims`), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
     if sweeps not in SWEEPS:
@@ -287,6 +287,8 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
     for name, value in (("mosaic_warpgroups", mosaic_warpgroups), ("reverse_warpgroups", reverse_warpgroups)):
         if value not in (1, 2):
             raise ValueError(f"{name} must be 1 or 2, got {value!r}")
+    if not isinstance(loop_stages, int) or loop_stages < 1:
+        raise ValueError(f"loop_stages must be an integer >= 1, got {loop_stages!r}")
     if key_grads not in CHUNK_GRADS:
         raise ValueError(f"key_grads must be one of {tuple(CHUNK_GRADS)}, got {key_grads!r}")
     Kp, Vp = padded_head_dims(K, V)
@@ -326,6 +328,7 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                key_grads=key_grads,
                keep_residuals=bool(keep_residuals), mosaic_prepare=bool(mosaic_prepare), segments=segments,
                interpret=bool(interpret), BVR=residual_block_v, residual_stages=residual_stages,
+               loop_stages=loop_stages,
                # The Triton kernels mask at the true head dims, so q, k, v need no padded copies;
                # the Mosaic ones (TMA tiles) read padded arrays.
                Kd=K if key_grads == "triton" and sweeps == "triton" else Kp,
@@ -377,7 +380,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         token and value head between forward and backward);
       inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop
         (default 128 at K <= 128 where it divides the padded V, else 64), key tile (of the key-tiled
-        gradient kernel), warps and stages;
+        gradient kernel), warps and stages; loop_stages: 1 unrolls the Triton gradient kernels'
+        loop over value tiles (default), n > 1 makes it a loop software-pipelined n deep;
       segments: context parallelism, the number of sequence segments swept side by side (default:
         enough to fill the GPU when B * HV is small; see `default_segments`);
       interpret: run the kernels in Pallas interpret mode (default: when there is no GPU).

@@ -58,6 +58,7 @@ class Tiling(NamedTuple):
     interpret: bool = False     # run every kernel in Pallas interpret mode (CPU)
     BVR: int = 0                # value tile of the backward's residual sweep (0: BV)
     residual_stages: int = 0    # its pipelining depth (0: sweep_stages)
+    loop_stages: int = 1        # gradient kernels' value-tile loop: 1 unrolled, n > 1 pipelined n deep
     Kd: int = 0                 # q, k (and dq, dk) as the caller holds them: true width (0: K)
     Vd: int = 0                 # v, dO and o: true width (0: V)
 
@@ -96,6 +97,12 @@ class Tiling(NamedTuple):
     @property
     def chunk_launch(self) -> dict:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages, interpret=self.interpret)
+
+    @property
+    def loop_launch(self) -> dict:
+        """The chunk-parallel gradient kernels' launch: their value-tile loop is software-pipelined
+        loop_stages deep when it is a loop (backward.over_value_tiles)."""
+        return dict(self.chunk_launch, num_stages=max(self.num_stages, self.loop_stages))
 
     @property
     def group(self) -> int:

@@ -291,11 +291,11 @@ def test_mosaic_gradient_kernels_match_scan(case, key_grads):
     _assert_grads_close(grads, grads_ref, TOL[BF16][1])
 
 
-@pytest.mark.parametrize("segments", [1, 2])
-def test_triton_gradients_with_several_key_and_value_tiles(segments):
-    """Small tiles force the Triton kernels' inner loops over value tiles and the grid over key tiles;
-    the backward's residual sweep runs on its own value tile (32 against the other sweeps' 16), alone
-    and under context parallelism."""
+@pytest.mark.parametrize("segments, loop_stages", [(1, 1), (2, 1), (1, 2)])
+def test_triton_gradients_with_several_key_and_value_tiles(segments, loop_stages):
+    """Small tiles force the Triton kernels' inner loops over value tiles (unrolled, or a pipelined
+    loop) and the grid over key tiles; the backward's residual sweep runs on its own value tile (32
+    against the other sweeps' 16), alone and under context parallelism."""
     x = random_op_inputs(16, B=1, T=64, H=1, HV=2, K=20, V=40, with_state=True, num_docs=3)
     reset = resets_from_segment_ids(jnp.asarray(x["segment_ids"]))
     rng = np.random.default_rng(17)
@@ -316,7 +316,8 @@ def test_triton_gradients_with_several_key_and_value_tiles(segments):
     args = [jnp.asarray(x[n]) for n in (*OP_ARGS, "initial_state")]
     grads_ref = jax.grad(loss(scan_fn), tuple(range(6)))(*args)
     grads = jax.grad(loss(pallas_gated_delta_rule, sweeps="triton", block_v=16, residual_block_v=32,
-                          inner_block_v=16, block_k=16, segments=segments), tuple(range(6)))(*args)
+                          inner_block_v=16, block_k=16, segments=segments, loop_stages=loop_stages),
+                     tuple(range(6)))(*args)
     for name, gr, gp in zip((*OP_ARGS, "initial_state"), grads_ref, grads):
         assert rel_err(gp, gr) < 1e-4, (name, rel_err(gp, gr))
 
@@ -409,8 +410,8 @@ def _lower_mosaic_kernel(monkeypatch, mode, docs, K, V):
     assert "mosaic_gpu" in lowered.as_text()
 
 
-@pytest.mark.parametrize("segments", [1, 2])
-def test_triton_kernels_lower_for_gpu_at_the_paper_head_dims(monkeypatch, segments):
+@pytest.mark.parametrize("segments, loop_stages", [(1, 1), (2, 2)])
+def test_triton_kernels_lower_for_gpu_at_the_paper_head_dims(monkeypatch, segments, loop_stages):
     """Forward and backward at K = 200, V = 400 (the paper's heads) with GVA and documents lower to
     Triton for a GPU: every kernel, with the masked loads and stores at the true head dims (Triton
     refuses any tensor whose dims are not powers of two, so this is where a mask that widened a
@@ -430,7 +431,8 @@ def test_triton_kernels_lower_for_gpu_at_the_paper_head_dims(monkeypatch, segmen
 
     def loss(q, k, v, g, beta, S0):
         o, S = pallas_gated_delta_rule(q, k, v, g, beta, scale=0.1, initial_state=S0, reset=reset,
-                                       chunk_size=64, sweeps="triton", interpret=False, segments=segments)
+                                       chunk_size=64, sweeps="triton", interpret=False, segments=segments,
+                                       loop_stages=loop_stages)
         return o.astype(jnp.float32).sum() + S.sum()
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))  # the value keeps the forward
@@ -521,6 +523,7 @@ def test_head_dims_pad_to_the_value_tiles_and_bad_tiles_are_named():
     assert t256.residual_tiling.BV == 64 and t256.residual_tiling.sweep_stages == 1
     assert (t.BVR, t.residual_tiling.BV) == (32, 32)
     for name, bad in (("block_v", dict(block_v=128)), ("inner_block_v", dict(inner_block_v=128)),
-                      ("block_v", dict(block_v=48)), ("residual_block_v", dict(residual_block_v=128))):
+                      ("block_v", dict(block_v=48)), ("residual_block_v", dict(residual_block_v=128)),
+                      ("loop_stages", dict(loop_stages=0))):
         with pytest.raises(ValueError, match=name):
             make_tiling(K=128, V=320, **bad, **kw)
