@@ -46,7 +46,7 @@ k256)
         --variants triton,triton-ls2,triton-ls3
     step k256_time 320 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
         python3 bench/bench_kernels.py --shapes paper1.3b,fla1.3b --iters 20 --rounds 2 \
-        --no-chunk --no-check --variants triton,triton-bvr32,triton-bv64 ;;
+        --no-chunk --no-check --variants triton,triton-bvr32,triton-kr1 ;;
 kernels)
     # The Mosaic defaults at K <= 128 (fused key grads, two-warpgroup reverse) against the old ones.
     step kernels_time 560 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \

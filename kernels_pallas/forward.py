@@ -110,13 +110,17 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode:
                       (A_qk from `prepare`)
     mode "residuals": returns (final state, states entering each chunk [B,N,HV,K,V], Vnew [B,N,C,HV,V]),
                       those two in mm_dtype (the backward uses them only as matmul operands)
+    mode "output_residuals": returns (o, final state, states entering each chunk, Vnew): the forward
+                      of a differentiated call keeping the backward's residuals (keep_residuals)
     mode "final":     returns the final state only (context parallelism's first pass)
     """
     t = tiling
     C, K, V, BV = t.C, t.K, t.V, t.BV
-    with_o, with_res = mode == "output", mode == "residuals"
+    if mode not in ("output", "residuals", "final", "output_residuals"):
+        raise ValueError(f"unknown sweep mode {mode!r}")
+    with_o, with_res = mode in ("output", "output_residuals"), mode in ("residuals", "output_residuals")
     if with_o and a_qk is None:
-        raise ValueError("the output sweep needs a_qk (prepare(..., q=q))")
+        raise ValueError(f"the {mode} sweep needs a_qk (prepare(..., q=q))")
     extra = [a_qk] if with_o else []
 
     def kernel(*refs):

@@ -141,7 +141,7 @@ def document_masks(reset_BxT, N, C):
 
 def _forward(q, k, v, g, beta, initial_state, docs, t: Tiling, keep=False):
     """((o, final state), (T, segments' join, kept)); with keep (the forward of a differentiated
-    call, Mosaic sweeps, one segment) kept = (states entering each chunk, Vnew) from the output sweep
+    call, one segment) kept = (states entering each chunk, Vnew) from the output sweep
     itself, so the backward skips its residual sweep; otherwise None."""
     sweeps = SWEEPS[t.sweeps]
     x = sweeps.prepare(Chunks(q, k, v, g, beta, docs, None), t)
@@ -166,7 +166,7 @@ def _chunked(q, k, v, g, beta, initial_state, docs, t: Tiling):
 
 
 def _chunked_fwd(q, k, v, g, beta, initial_state, docs, t):
-    keep = t.keep_residuals and t.sweeps == "mosaic" and t.segments == 1
+    keep = t.keep_residuals and t.segments == 1
     out, (T, segments, kept) = _forward(q, k, v, g, beta, initial_state, docs, t, keep=keep)
     return out, (q, k, v, g, beta, initial_state, docs, T, segments, kept)
 
@@ -374,10 +374,11 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         or "fused", one Mosaic kernel for both (CHUNK_GRADS);
       mosaic_prepare: with the Mosaic sweeps, T = (I + A)^-1 on Mosaic too (mosaic_prepare.py;
         default False until measured);
-      keep_residuals: with the Mosaic sweeps and one segment, the forward of a differentiated call
-        stores the states entering each chunk and Vnew (bf16) as it goes, and the backward skips
-        its residual sweep (default False until measured: it holds 2 (K V / C + V) bytes more per
-        token and value head between forward and backward);
+      keep_residuals: with one segment, the forward of a differentiated call stores the states
+        entering each chunk and Vnew (bf16) as it goes, and the backward skips its residual sweep
+        (default False: it holds 2 (K V / C + V) bytes more per token and value head between forward
+        and backward, and on Mosaic at K = 128 it measured slower; on Triton at K = 256, where the
+        residual sweep is ~0.6 ms a layer, not yet measured);
       inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop
         (default 128 at K <= 128 where it divides the padded V, else 64), key tile (of the key-tiled
         gradient kernel), warps and stages; loop_stages: 1 unrolls the Triton gradient kernels'

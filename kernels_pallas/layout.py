@@ -53,7 +53,7 @@ class Tiling(NamedTuple):
     reverse_warpgroups: int = 1  # Mosaic reverse sweep: 2 moves the dS-free products to a helper group
     key_grads: str = "triton"   # the backward's chunk-parallel kernels (gated_delta_rule.CHUNK_GRADS)
     mosaic_prepare: bool = False  # Mosaic sweeps: T = (I + A)^-1 on Mosaic as well (mosaic_prepare.py)
-    keep_residuals: bool = False  # Mosaic, one segment: the forward keeps states and Vnew for the backward
+    keep_residuals: bool = False  # one segment: the forward keeps states and Vnew for the backward
     segments: int = 1           # context parallelism: sequence segments swept side by side
     interpret: bool = False     # run every kernel in Pallas interpret mode (CPU)
     BVR: int = 0                # value tile of the backward's residual sweep (0: BV)

@@ -291,6 +291,20 @@ def test_mosaic_gradient_kernels_match_scan(case, key_grads):
     _assert_grads_close(grads, grads_ref, TOL[BF16][1])
 
 
+def test_triton_forward_keeping_residuals_gives_the_same_gradients():
+    """keep_residuals on the Triton sweeps: the differentiated forward's output sweep also writes the
+    states and Vnew, and the backward uses them instead of its residual sweep: the scan reference's
+    gradients, and the residual sweep's to float32 rounding (GVA, documents, K = 100, V = 80)."""
+    _, x = _rounded(random_op_inputs(34, B=1, T=150, H=1, HV=2, K=100, V=80, with_state=True,
+                                     num_docs=3), jnp.float32)
+    grads_ref = _grads(x, jnp.float32, "scan", 35)
+    kept = _grads(x, jnp.float32, "pallas_triton", 35, keep_residuals=True, segments=1)
+    swept = _grads(x, jnp.float32, "pallas_triton", 35, keep_residuals=False, segments=1)
+    _assert_grads_close(kept, grads_ref, TOL[jnp.float32][1])
+    for name, a, b in zip((*OP_ARGS, "initial_state"), kept, swept):
+        assert rel_err(a, b) < 1e-6, (name, rel_err(a, b))
+
+
 @pytest.mark.parametrize("segments, loop_stages", [(1, 1), (2, 1), (1, 2)])
 def test_triton_gradients_with_several_key_and_value_tiles(segments, loop_stages):
     """Small tiles force the Triton kernels' inner loops over value tiles (unrolled, or a pipelined
@@ -410,8 +424,8 @@ def _lower_mosaic_kernel(monkeypatch, mode, docs, K, V):
     assert "mosaic_gpu" in lowered.as_text()
 
 
-@pytest.mark.parametrize("segments, loop_stages", [(1, 1), (2, 2)])
-def test_triton_kernels_lower_for_gpu_at_the_paper_head_dims(monkeypatch, segments, loop_stages):
+@pytest.mark.parametrize("segments, loop_stages, keep", [(1, 1, False), (2, 2, False), (1, 1, True)])
+def test_triton_kernels_lower_for_gpu_at_the_paper_head_dims(monkeypatch, segments, loop_stages, keep):
     """Forward and backward at K = 200, V = 400 (the paper's heads) with GVA and documents lower to
     Triton for a GPU: every kernel, with the masked loads and stores at the true head dims (Triton
     refuses any tensor whose dims are not powers of two, so this is where a mask that widened a
@@ -432,16 +446,18 @@ def test_triton_kernels_lower_for_gpu_at_the_paper_head_dims(monkeypatch, segmen
     def loss(q, k, v, g, beta, S0):
         o, S = pallas_gated_delta_rule(q, k, v, g, beta, scale=0.1, initial_state=S0, reset=reset,
                                        chunk_size=64, sweeps="triton", interpret=False, segments=segments,
-                                       loop_stages=loop_stages)
+                                       loop_stages=loop_stages, keep_residuals=keep)
         return o.astype(jnp.float32).sum() + S.sum()
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))  # the value keeps the forward
     text = grad.trace(q, q, v, g, g, S0).lower(lowering_platforms=("cuda",)).as_text()
-    kernels = ["gdn_prepare", "gdn_sweep_output", "gdn_sweep_residuals", "gdn_local_dvnew",
-               "gdn_reverse_sweep_full", "gdn_pair_grads", "gdn_key_grads"]
+    kernels = ["gdn_prepare", "gdn_local_dvnew", "gdn_reverse_sweep_full", "gdn_pair_grads", "gdn_key_grads"]
+    kernels += ["gdn_sweep_output_residuals"] if keep else ["gdn_sweep_output", "gdn_sweep_residuals"]
     if segments > 1:
         kernels += ["gdn_sweep_final", "gdn_reverse_sweep_final"]
     assert all(name in text for name in kernels), [name for name in kernels if name not in text]
+    if keep:  # the backward sweeps once, not twice
+        assert "gdn_sweep_residuals" not in text
 
 
 def _all_eqns(jaxpr):
