@@ -329,8 +329,12 @@ def breakdown(shape, launch, iters):
             k, v, g, b, (), t, mmd, T=T), k, v, g, beta, T_)
         sw = lambda mode, t: lambda *a: forward.sweep(*a[:5], (), S0, t, mmd, mode=mode, out_dtype=v.dtype,
                                                       a_qk=a[5] if len(a) > 5 else None)
-        timed("sweep output", sw("output", t), q, k, w_, u_, g, a_qk)
-        _, s_in, vn = timed("sweep residuals", sw("residuals", t.residual_tiling), q, k, w_, u_, g)
+        if t.keep_residuals:  # one sweep writes the output and the backward's residuals
+            _, _, s_in, vn = timed("sweep output + residuals (kept)", sw("output_residuals", t),
+                                   q, k, w_, u_, g, a_qk)
+        else:
+            timed("sweep output", sw("output", t), q, k, w_, u_, g, a_qk)
+            _, s_in, vn = timed("sweep residuals", sw("residuals", t.residual_tiling), q, k, w_, u_, g)
         dvl = timed("local dvnew", lambda q, k, g, do: backward.local_dvnew(q, k, g, (), do, t, mmd), q, k, g, do)
         ds_out, dvn, _ = timed("reverse sweep", lambda q, k, w, g, do, dvl: backward.reverse_sweep(
             q, k, w, g, (), do, dvl, S0, t, mmd), q, k, w_, g, do, dvl)
