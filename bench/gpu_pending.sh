@@ -48,10 +48,11 @@ k256)
         python3 bench/bench_kernels.py --shapes paper1.3b,fla1.3b --iters 20 --rounds 2 \
         --no-chunk --no-check --variants triton,triton-bvr32,triton-kr1 ;;
 kernels)
-    # The Mosaic defaults at K <= 128 (fused key grads, two-warpgroup reverse) against the old ones.
+    # The Mosaic defaults at K <= 128 (fused key grads, two-warpgroup reverse) against the old ones,
+    # each shape's default checked first (t16k runs them under context parallelism: segments).
     step kernels_time 560 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
-        python3 bench/bench_kernels.py --shapes h16k128,qwen3next,t16k --iters 20 --rounds 2 \
-        --no-chunk --no-check --variants mosaic,mosaic-tkgrw1,triton ;;
+        python3 bench/bench_kernels.py --shapes t16k,h16k128,qwen3next --iters 20 --rounds 2 \
+        --no-chunk --variants mosaic,mosaic-tkgrw1,triton ;;
 breakdown)
     step breakdown 200 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
         --shapes h16k128 --iters 30 --no-check --no-chunk --no-fla --breakdown-only \
