@@ -349,7 +349,7 @@ def breakdown(shape, launch, iters):
     return out
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="all", help=f"comma list of {list(SHAPES)} or 'all'")
     p.add_argument("--variants", default="triton,mosaic", help="see parse_variants")
@@ -368,7 +368,7 @@ def main():
     p.add_argument("--breakdown", action="store_true", help="time each kernel of every variant")
     p.add_argument("--breakdown-only", action="store_true", help="per-kernel times only, no end-to-end")
     p.add_argument("--out", default=os.environ.get("OUT"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     names = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
     if args.flashqla_child:
         return flashqla_child(names, args.iters, os.path.join(args.out or "/tmp", "flashqla.json"))

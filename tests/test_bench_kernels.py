@@ -1,0 +1,35 @@
+"""bench/bench_kernels.py, the script every kernel measurement goes through: its variant names map to
+the launch parameters they say, and its per-kernel breakdown runs (interpret mode, the tiny shape),
+so a device call is not spent finding a script error."""
+
+import ast
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+import bench_kernels  # noqa: E402
+
+
+def test_variant_names_map_to_launch_parameters():
+    parsed = dict(bench_kernels.parse_variants("mosaic-tkgrw1,triton-bvr64ls2kr1,mosaic-fkg,triton"))
+    assert parsed["mosaic-tkgrw1"] == {"sweeps": "mosaic", "key_grads": "triton", "reverse_warpgroups": 1}
+    assert parsed["triton-bvr64ls2kr1"] == {"sweeps": "triton", "residual_block_v": 64, "loop_stages": 2,
+                                            "keep_residuals": 1}
+    assert parsed["mosaic-fkg"] == {"sweeps": "mosaic", "key_grads": "fused"}
+    assert parsed["triton"] == {"sweeps": "triton"}
+    with pytest.raises(SystemExit):
+        bench_kernels.parse_variants("triton-zz3")
+
+
+def test_breakdown_times_every_kernel_of_each_variant(capsys, tmp_path):
+    bench_kernels.main(["--shapes", "tiny", "--iters", "1", "--no-fla", "--no-chunk", "--no-check",
+                        "--breakdown-only", "--variants", "triton,triton-kr1", "--out", str(tmp_path)])
+    rows = {line.split(" breakdown ms: ")[0]: ast.literal_eval(line.split(" breakdown ms: ")[1])
+            for line in capsys.readouterr().out.splitlines() if " breakdown ms: " in line}
+    assert set(rows) == {"tiny triton", "tiny triton-kr1"}
+    assert {"sweep output", "sweep residuals", "reverse sweep", "key grads"} <= set(rows["tiny triton"])
+    assert "sweep output + residuals (kept)" in rows["tiny triton-kr1"]
+    assert "sweep residuals" not in rows["tiny triton-kr1"]
+    assert all(ms > 0 for row in rows.values() for ms in row.values())
