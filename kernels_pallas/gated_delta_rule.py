@@ -56,13 +56,21 @@ class _TritonSweeps:
     """W/U form: Vnew = U - W S, with W and U (and in the forward the output's A_qk) from `prepare`."""
 
     @staticmethod
-    def prepare(x: Chunks, t, T=None) -> Chunks:
+    def prepare(x: Chunks, t, T=None, kept=None) -> Chunks:
         mm_dtype = _mm_dtype(x.q.dtype)
+        if kept is not None:  # the backward, residuals kept: the reverse sweep needs W, no U
+            return x._replace(T=T, **kept)
         if T is not None:  # the backward: no output sweep, so no A_qk
             w, u, T = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, T=T)
             return x._replace(T=T, w=w, u=u)
         w, u, T, a_qk = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, q=x.q)
         return x._replace(T=T, w=w, u=u, a_qk=a_qk)
+
+    @staticmethod
+    def kept_inputs(x: Chunks) -> dict:
+        """What of `prepare`'s work the backward reuses when the forward keeps its residuals: W
+        (bf16 [B,N,C,HV,K]) for the reverse sweep, so the backward forms neither W nor U again."""
+        return {"w": x.w}
 
     @staticmethod
     def with_transition_columns(x: Chunks, K) -> Chunks:
@@ -84,12 +92,16 @@ class _MosaicSweeps:
     """T-form: Vnew = T (beta * (V - d_in * K S)), formed inside the Mosaic sweeps."""
 
     @staticmethod
-    def prepare(x: Chunks, t, T=None) -> Chunks:
+    def prepare(x: Chunks, t, T=None, kept=None) -> Chunks:
         if T is None and t.mosaic_prepare:
             T = mosaic_prepare.prepare_T(x.k, x.g, x.beta, x.docs, t)
         elif T is None:
             T = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, _mm_dtype(x.q.dtype), t_only=True)
         return x._replace(T=T)
+
+    @staticmethod
+    def kept_inputs(x: Chunks) -> dict:
+        return {}  # T-form: the backward's sweeps read T, which is kept anyway
 
     @staticmethod
     def with_transition_columns(x: Chunks, K) -> Chunks:
@@ -141,14 +153,14 @@ def document_masks(reset_BxT, N, C):
 
 def _forward(q, k, v, g, beta, initial_state, docs, t: Tiling, keep=False):
     """((o, final state), (T, segments' join, kept)); with keep (the forward of a differentiated
-    call, one segment) kept = (states entering each chunk, Vnew) from the output sweep
-    itself, so the backward skips its residual sweep; otherwise None."""
+    call, one segment) kept = (states entering each chunk, Vnew, the sweeps' `kept_inputs`) from the
+    output sweep itself, so the backward skips its residual sweep; otherwise None."""
     sweeps = SWEEPS[t.sweeps]
     x = sweeps.prepare(Chunks(q, k, v, g, beta, docs, None), t)
     if t.segments == 1:
         if keep:
             o, S_final, states_in, vnew = sweeps.sweep(x, initial_state, t, "output_residuals", v.dtype)
-            return (o, S_final), (x.T, None, (states_in, vnew))
+            return (o, S_final), (x.T, None, (states_in, vnew, sweeps.kept_inputs(x)))
         o, S_final = sweeps.sweep(x, initial_state, t, "output", v.dtype)
         return (o, S_final), (x.T, None, None)
     ts, P = cp.segment_tiling(t), t.segments
@@ -177,7 +189,7 @@ def _states_and_cotangents(x: Chunks, initial_state, segments, kept, do, dS_fina
     sweeps = SWEEPS[t.sweeps]
     if t.segments == 1:
         if kept is not None:
-            states_in, vnew = kept
+            states_in, vnew, _ = kept
         else:
             _, states_in, vnew = sweeps.sweep(x, initial_state, t.residual_tiling, "residuals")
         dstates_out, dvnew, d_initial = sweeps.reverse(x, do, dS_final, t, "full")
@@ -199,7 +211,8 @@ def _chunked_bwd(t, res, cotangents):
     q, k, v, g, beta, initial_state, docs, T, segments, kept = res
     do, dS_final = cotangents
     mm_dtype = _mm_dtype(q.dtype)
-    x = SWEEPS[t.sweeps].prepare(Chunks(q, k, v, g, beta, docs, None), t, T=T)
+    x = SWEEPS[t.sweeps].prepare(Chunks(q, k, v, g, beta, docs, None), t, T=T,
+                                 kept=None if kept is None else kept[2])
     states_in, vnew, dstates_out, dvnew, d_initial = _states_and_cotangents(
         x, initial_state, segments, kept, do, dS_final, t)
     t_dvn, dq, dk, dG, dbeta = CHUNK_GRADS[t.key_grads](q, k, v, g, beta, docs, T, do, vnew, dvnew,

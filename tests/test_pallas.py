@@ -303,6 +303,24 @@ def test_triton_forward_keeping_residuals_gives_the_same_gradients():
     _assert_grads_close(kept, grads_ref, TOL[jnp.float32][1])
     for name, a, b in zip((*OP_ARGS, "initial_state"), kept, swept):
         assert rel_err(a, b) < 1e-6, (name, rel_err(a, b))
+    # Kept, the backward runs neither the residual sweep nor a second prepare (it reuses W).
+    args = [jnp.asarray(x[n]) for n in (*OP_ARGS, "initial_state")]
+    kernels = {keep: _kernel_names(args, keep_residuals=keep) for keep in (True, False)}
+    assert kernels[True].count("gdn_prepare") == 1 and "gdn_sweep_residuals" not in kernels[True]
+    assert kernels[False].count("gdn_prepare") == 2 and "gdn_sweep_residuals" in kernels[False]
+
+
+def _kernel_names(args, **launch):
+    """The Pallas kernels, in order, of the Triton op's forward and backward on these inputs."""
+    def loss(q, k, v, g, beta, S0):
+        o, S = pallas_gated_delta_rule(q, k, v, g, beta, scale=0.1, initial_state=S0, reset=None,
+                                       chunk_size=64, sweeps="triton", segments=1, **launch)
+        return o.sum() + S.sum()
+    T_pad = -args[0].shape[1] % 64
+    args = [jnp.pad(a, [(0, 0), (0, T_pad)] + [(0, 0)] * (a.ndim - 2)) if i < 5 else a
+            for i, a in enumerate(args)]
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=tuple(range(6))))(*args).jaxpr
+    return [e.params["name"] for e in _all_eqns(jaxpr) if e.primitive.name == "pallas_call"]
 
 
 @pytest.mark.parametrize("segments, loop_stages", [(1, 1), (2, 1), (1, 2)])
