@@ -13,7 +13,7 @@
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1; issue 13: gdn_1.3b step
 #   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope
 #   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA
-#   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA at the K = 128 shapes, same run
+#   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA, FLA, new and old Mosaic defaults, K = 128
 set -uo pipefail
 part=${1:?"usage: bash bench/gpu_pending.sh k256|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval|flashqla"}
 out=${OUT:-gpu_logs}
@@ -91,8 +91,10 @@ lm_eval)
         --hf --out "$out/lm_eval_check.json" ;;
 flashqla)
     mkdir -p /tmp/siteq && tar -xJf .anchors/qla.tar.xz -C /tmp/siteq
-    step flashqla 560 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
-        --shapes h16k128,t16k --variants mosaic,triton --no-check --iters 20 --no-chunk \
+    # FlashQLA (child process), FLA's Triton kernels, and ours in one call: the new Mosaic defaults
+    # (checked first at each shape; t16k runs them under segments) against the old ones, in rounds.
+    step flashqla 560 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 bench/bench_kernels.py \
+        --shapes h16k128,t16k --variants mosaic,mosaic-tkgrw1,triton --rounds 2 --iters 20 --no-chunk \
         --flashqla-site /tmp/siteq ;;
 *)
     echo "unknown part '$part'"; exit 2 ;;
