@@ -41,10 +41,11 @@ k256)
         --shapes paper1.3b --iters 20 --no-chunk --no-fla --breakdown-only --variants triton
     # ls2, ls3: the gradient kernels' value-tile loop software-pipelined (key grads were the largest
     # kernel at fla1.3b, 0.97 ms against a ~0.37 ms memory floor)
-    step k256_breakdown 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+    # bv16: twice the sweep programs (latency-bound chains: more of them in flight per SM)
+    step k256_breakdown 170 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
         --shapes fla1.3b --iters 20 --no-chunk --no-fla --breakdown-only \
-        --variants triton,triton-ls2,triton-ls3,triton-kr1
-    step k256_time 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
+        --variants triton,triton-ls2,triton-ls3,triton-kr1,triton-bv16
+    step k256_time 280 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
         python3 bench/bench_kernels.py --shapes paper1.3b,fla1.3b --iters 20 --rounds 2 \
         --no-chunk --no-check --variants triton,triton-bvr32,triton-kr1 ;;
 kernels)
