@@ -255,7 +255,8 @@ def flashqla_rows(site, names, iters, out_dir):
         return json.load(f)
 
 
-VARIANT_KEYS = {"bv": "block_v", "bvr": "residual_block_v", "bi": "inner_block_v", "k": "block_k", "w": "num_warps", "s": "num_stages",
+VARIANT_KEYS = {"bv": "block_v", "bvr": "residual_block_v", "bi": "inner_block_v", "k": "block_k",
+                "w": "num_warps", "s": "num_stages",
                 "x": "sweep_warps", "y": "sweep_stages", "ms": "mosaic_stages", "p": "segments",
                 "wg": "mosaic_warpgroups", "rw": "reverse_warpgroups", "kr": "keep_residuals",
                 "mp": "mosaic_prepare", "ls": "loop_stages"}
@@ -269,7 +270,8 @@ KEY_GRAD_TAGS = {"tkg": "triton", "mkg": "mosaic", "fkg": "fused"}
 
 def parse_variants(text):
     """Comma list of BACKEND[-KNOBS]: BACKEND is triton or mosaic (the sweeps' lowering); KNOBS e.g.
-    bv64x4y2ms2p4: the sweeps' value tile (bv; bvr: the residual sweep's alone), warps (x) and stages (y, Triton), Mosaic pipeline
+    bv64x4y2ms2p4: the sweeps' value tile (bv; bvr: the residual sweep's alone), warps (x) and
+    stages (y, Triton), Mosaic pipeline
     stages (ms), warp specialisation of its forward (wg2) and reverse (rw2) sweeps, the forward
     keeping the backward's residuals (kr1), T on Mosaic (mp1), context-parallel segments (p),
     the backward's Triton pair and key kernels (tkg), the Mosaic key-gradient kernel (mkg) or the
@@ -322,9 +324,8 @@ def breakdown(shape, launch, iters):
         ds_out, dvn, _ = timed("reverse sweep", lambda *a: mosaic_sweeps.reverse_sweep(
             *a, (), do, S0, t, mode="full"), q, k, T_, g, beta)
     else:
-        timed("prepare W, U, T, A_qk", lambda q, k, v, g, b: forward.prepare(k, v, g, b, (), t, mmd, q=q),
-              q, k, v, g, beta)
-        *_, a_qk = forward.prepare(k, v, g, beta, (), t, mmd, q=q)
+        *_, a_qk = timed("prepare W, U, T, A_qk", lambda q, k, v, g, b: forward.prepare(
+            k, v, g, b, (), t, mmd, q=q), q, k, v, g, beta)
         w_, u_, _ = timed("prepare W, U from T", lambda k, v, g, b, T: forward.prepare(
             k, v, g, b, (), t, mmd, T=T), k, v, g, beta, T_)
         sw = lambda mode, t: lambda *a: forward.sweep(*a[:5], (), S0, t, mmd, mode=mode, out_dtype=v.dtype,

@@ -150,7 +150,8 @@ def pair_grads(q, k, v, g, beta, docs, T, do, vnew, dvnew, tiling: Tiling, mm_dt
             do_c = t.load_values(do_ref, (slice(None),), v0, BV)
             t_dvn = mm(T, dvn, ta=True, dtype=mm_dtype)              # T^T dVnew = d(beta V)
             tdvn_ref[:, vs] = t_dvn.astype(tdvn_ref.dtype)
-            return (do_vn + mm(do_c, vn, tb=True, dtype=mm_dtype), dvn_vn + mm(dvn, vn, tb=True, dtype=mm_dtype),
+            return (do_vn + mm(do_c, vn, tb=True, dtype=mm_dtype),
+                    dvn_vn + mm(dvn, vn, tb=True, dtype=mm_dtype),
                     dbeta + jnp.sum(t_dvn * t.load_values(v_ref, (slice(None),), v0, BV).astype(f32), axis=1))
 
         do_vn, dvn_vn, dbeta = over_value_tiles(
@@ -217,10 +218,12 @@ def key_grads(q, k, g, beta, docs, d_qk, Y, states_in, dstates_out, do, vnew, t_
 
         d_qk, Y = dqk_ref[...], y_ref[...]
         whole = (slice(None),)
-        t.store_keys(dq_ref, whole, k0, BK, (dq_raw * dec.d_in[:, None] + mm(d_qk, k_c, dtype=mm_dtype)) * t.scale)
-        t.store_keys(dk_ref, whole, k0, BK, mm(d_qk, q_c, ta=True, dtype=mm_dtype) + dk_out * dec.d_out[:, None]
-                     + dkbg * (beta_c * dec.d_in)[:, None]
-                     + mm(Y, k_c, dtype=mm_dtype) + mm(Y, k_c, ta=True, dtype=mm_dtype))
+        dq = (dq_raw * dec.d_in[:, None] + mm(d_qk, k_c, dtype=mm_dtype)) * t.scale
+        dk = (mm(d_qk, q_c, ta=True, dtype=mm_dtype) + dk_out * dec.d_out[:, None]
+              + dkbg * (beta_c * dec.d_in)[:, None]
+              + mm(Y, k_c, dtype=mm_dtype) + mm(Y, k_c, ta=True, dtype=mm_dtype))
+        t.store_keys(dq_ref, whole, k0, BK, dq)
+        t.store_keys(dk_ref, whole, k0, BK, dk)
         kbg_dot = dec.d_in * jnp.sum(dkbg * k_c, axis=1)
         x_out = dec.d_out * jnp.sum(k_c * dk_out, axis=1)
         dG_ref[...] = (dec.d_in * jnp.sum(q_c * dq_raw, axis=1) + beta_c * kbg_dot - x_out

@@ -271,9 +271,9 @@ def _mosaic_on_gpu_up_to_128(sweeps, K, V, interpret, values=False) -> bool:
 
 
 def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps="triton",
-                block_v=None, residual_block_v=None, inner_block_v=None, block_k=64, num_warps=4, num_stages=1, sweep_warps=4,
-                sweep_stages=None, mosaic_stages=None, mosaic_warpgroups=None, reverse_warpgroups=None,
-                key_grads=None, keep_residuals=False, mosaic_prepare=False, segments=None,
+                block_v=None, residual_block_v=None, inner_block_v=None, block_k=64, num_warps=4,
+                num_stages=1, sweep_warps=4, sweep_stages=None, mosaic_stages=None,
+                mosaic_warpgroups=None, reverse_warpgroups=None, key_grads=None, keep_residuals=False, mosaic_prepare=False, segments=None,
                 loop_stages=1, interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here: `padded_head_dims`), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
@@ -333,6 +333,9 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
     if segments != 1 and (segments < 1 or N % segments or Kp % block_v):
         raise ValueError(f"segments = {segments} must divide the {N} chunks, and block_v = {block_v} "
                          f"the key dim {Kp}")
+    # The Triton kernels mask at the true head dims, so q, k, v need no padded copies; the Mosaic
+    # ones (TMA tiles) read padded arrays.
+    true_widths = sweeps == "triton" and key_grads == "triton"
     t = Tiling(B=B, N=N, C=chunk_size, H=H, HV=HV, K=Kp, V=Vp, BV=block_v,
                BK=min(block_k, Kp), scale=float(scale), has_docs=has_docs, BVI=min(inner_block_v, Vp),
                num_warps=num_warps, num_stages=num_stages, sweep_warps=sweep_warps,
@@ -341,11 +344,7 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                key_grads=key_grads,
                keep_residuals=bool(keep_residuals), mosaic_prepare=bool(mosaic_prepare), segments=segments,
                interpret=bool(interpret), BVR=residual_block_v, residual_stages=residual_stages,
-               loop_stages=loop_stages,
-               # The Triton kernels mask at the true head dims, so q, k, v need no padded copies;
-               # the Mosaic ones (TMA tiles) read padded arrays.
-               Kd=K if key_grads == "triton" and sweeps == "triton" else Kp,
-               Vd=V if key_grads == "triton" and sweeps == "triton" else Vp)
+               loop_stages=loop_stages, Kd=K if true_widths else Kp, Vd=V if true_widths else Vp)
     if sweeps == "mosaic":
         reason = (mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
                   or mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BVR, dtype=dtype))
@@ -378,7 +377,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
       block_v, sweep_warps, sweep_stages: the sequential sweeps' value tile (default 32 on Triton, 64
         on Mosaic), warps and software-pipelining depth (default sweep_stages: 2, or 1 where 2 would
         not fit shared memory); residual_block_v: the backward's residual sweep's value tile
-        (default 64 on Triton at K > 128, else block_v); mosaic_stages: chunks in flight in the Mosaic sweeps' TMA pipeline;
+        (default 64 on Triton at K > 128, else block_v); mosaic_stages: chunks in flight in the
+        Mosaic sweeps' TMA pipeline;
         mosaic_warpgroups: 2 runs the Mosaic forward sweep warp-specialised (a state group, an output
         group and a memory group) instead of in one warpgroup (default 2 where K <= 128 on a GPU,
         else 1); reverse_warpgroups: 2 runs the Mosaic reverse sweep warp-specialised (a state group,

@@ -261,7 +261,6 @@ class ChunkDecays:
         return jnp.exp(jnp.where(self.upper, diff, -jnp.inf))
 
 
-
 def ring_program(t: Tiling, q_ref, k_ref, x_ref, T_ref, G_ref, beta_ref, rel_ref, ring, loaded,
                  consumed, *, reverse=False):
     """The common start of a warp-specialised sweep: this program's ids, its warpgroup, and the
@@ -277,6 +276,7 @@ def ring_program(t: Tiling, q_ref, k_ref, x_ref, T_ref, G_ref, beta_ref, rel_ref
         ring_producer(srcs, ring, loaded, consumed, stages=stages, N=t.N, C=t.C, reverse=reverse)
 
     return b, hv, h, vs, wg, lambda i: ring_slot(ring, stages, i)
+
 
 def _rows_by_head(x, t: Tiling):
     """[B, N, C, HV] -> [B, HV, T] float32 rows (TMA needs the time axis contiguous)."""

@@ -490,8 +490,8 @@ def _all_eqns(jaxpr):
 
 def test_triton_path_copies_no_padded_q_k_v():
     """At K = 200, V = 400 the Triton path pads only the small state: no pad of q, k, v, dO (the
-    kernels read them at their true widths), where the Mosaic path's padded copies were 0.25 ms of
-    the paper layer's 4.8 ms on an H200."""
+    kernels read them at their true widths); the padded copies were 0.25 ms of the paper layer's
+    4.8 ms on an H200 (docs/benchmarks.md, run K)."""
     B, T, H, HV, K, V = 1, 128, 1, 1, 200, 400
     q, v = jnp.zeros((B, T, H, K), BF16), jnp.zeros((B, T, HV, V), BF16)
     g, S0 = jnp.zeros((B, T, HV), jnp.float32), jnp.zeros((B, HV, K, V), jnp.float32)
