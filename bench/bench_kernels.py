@@ -259,7 +259,9 @@ VARIANT_KEYS = {"bv": "block_v", "bvr": "residual_block_v", "bi": "inner_block_v
                 "w": "num_warps", "s": "num_stages",
                 "x": "sweep_warps", "y": "sweep_stages", "ms": "mosaic_stages", "p": "segments",
                 "wg": "mosaic_warpgroups", "rw": "reverse_warpgroups", "kr": "keep_residuals",
-                "mp": "mosaic_prepare", "ls": "loop_stages"}
+                "mp": "mosaic_prepare", "ls": "loop_stages", "qp": "output_qk"}
+# knobs whose value is a name: qp1 forms A_qk in prepare, qp0 in the output sweep
+NAMED_KNOBS = {"output_qk": ("sweep", "prepare")}
 
 
 # The backward's chunk-parallel kernels (gated_delta_rule.CHUNK_GRADS) by variant tag: the Triton pair
@@ -278,7 +280,8 @@ def parse_variants(text):
     fused Mosaic pair + key kernel (fkg); the
     chunk-parallel kernels' inner value tile (bi),
     key tile (k), warps (w) and stages (s), and the gradient kernels' value-tile loop pipelined
-    (ls2, ls3; ls1 unrolled). Left out: the op's defaults."""
+    (ls2, ls3; ls1 unrolled); the Triton output's A_qk from prepare (qp1) or the sweep (qp0).
+    Left out: the op's defaults."""
     out = []
     for item in text.split(","):
         backend, _, knobs = item.partition("-")
@@ -292,7 +295,9 @@ def parse_variants(text):
         unknown = set(nums) - set(VARIANT_KEYS)
         if unknown:
             raise SystemExit(f"--variants: unknown knob(s) {sorted(unknown)} in {item!r}")
-        out.append((item, {"sweeps": backend, **extra, **{VARIANT_KEYS[k]: int(v) for k, v in nums.items()}}))
+        knobs = {VARIANT_KEYS[k]: int(v) for k, v in nums.items()}
+        knobs.update({k: NAMED_KNOBS[k][knobs[k]] for k in NAMED_KNOBS if k in knobs})
+        out.append((item, {"sweeps": backend, **extra, **knobs}))
     return out
 
 
@@ -313,7 +318,10 @@ def breakdown(shape, launch, iters):
 
     def timed(name, f, *args):
         f = jax.jit(f)
-        out[name] = round(time_jax(f, args, iters), 3)
+        try:
+            out[name] = round(time_jax(f, args, iters), 3)
+        except Exception as e:  # say which kernel (e.g. out of shared memory)
+            raise RuntimeError(f"kernel {name!r} failed after {out}: {e!r}"[:3000]) from e
         return f(*args)
 
     T_ = timed("prepare T", lambda k, v, g, b: forward.prepare(k, v, g, b, (), t, mmd, t_only=True), k, v, g, beta)
@@ -324,8 +332,12 @@ def breakdown(shape, launch, iters):
         ds_out, dvn, _ = timed("reverse sweep", lambda *a: mosaic_sweeps.reverse_sweep(
             *a, (), do, S0, t, mode="full"), q, k, T_, g, beta)
     else:
-        *_, a_qk = timed("prepare W, U, T, A_qk", lambda q, k, v, g, b: forward.prepare(
-            k, v, g, b, (), t, mmd, q=q), q, k, v, g, beta)
+        if t.output_qk == "prepare":
+            *_, a_qk = timed("prepare W, U, T, A_qk", lambda q, k, v, g, b: forward.prepare(
+                k, v, g, b, (), t, mmd, q=q), q, k, v, g, beta)
+        else:
+            a_qk = None
+            timed("prepare W, U, T", lambda k, v, g, b: forward.prepare(k, v, g, b, (), t, mmd), k, v, g, beta)
         w_, u_, _ = timed("prepare W, U from T", lambda k, v, g, b, T: forward.prepare(
             k, v, g, b, (), t, mmd, T=T), k, v, g, beta, T_)
         sw = lambda mode, t: lambda *a: forward.sweep(*a[:5], (), S0, t, mmd, mode=mode, out_dtype=v.dtype,

@@ -34,20 +34,19 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a timeout, logging t
 case $part in
 k256)
     # Written 2026-12-03 after run K: the Triton kernels read q, k, v at their true widths (masked),
-    # A_qk comes from prepare, and the residual sweep has its own value tile (bvr; 64 at K > 128).
-    # First every K = 256 path checked on the GPU (gradients included: masks are new there), then
-    # the default against the old residual tile, and FLA, in rounds.
-    step k256_check 120 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+    # the residual sweep has its own value tile (bvr; 64 at K > 128), and at K > 128 the output sweep
+    # forms A_qk itself (run L: prepare's A_qk tile made two stages of the sweep's loads overflow
+    # shared memory by 1.5 KB). First the paper layer checked on the GPU (gradients included: masks
+    # are new there), then per-kernel times with A_qk from prepare at one stage (qp1y1) and with the
+    # residuals kept (kr1), then the default against kr1, and FLA, in rounds.
+    step k256_check 100 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
         --shapes paper1.3b --iters 20 --no-chunk --no-fla --breakdown-only --variants triton
-    # ls2, ls3: the gradient kernels' value-tile loop software-pipelined (key grads were the largest
-    # kernel at fla1.3b, 0.97 ms against a ~0.37 ms memory floor)
-    # bv16: twice the sweep programs (latency-bound chains: more of them in flight per SM)
-    step k256_breakdown 170 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+    step k256_breakdown 130 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
         --shapes fla1.3b --iters 20 --no-chunk --no-fla --breakdown-only \
-        --variants triton,triton-ls2,triton-ls3,triton-kr1,triton-bv16
-    step k256_time 280 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
+        --variants triton,triton-kr1,triton-qp1y1
+    step k256_time 360 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
         python3 bench/bench_kernels.py --shapes paper1.3b,fla1.3b --iters 20 --rounds 2 \
-        --no-chunk --no-check --variants triton,triton-bvr32,triton-kr1 ;;
+        --no-chunk --no-check --variants triton,triton-kr1 ;;
 kernels)
     # The Mosaic defaults at K <= 128 (fused key grads, two-warpgroup reverse) against the old ones,
     # each shape's default checked first (t16k runs them under context parallelism: segments).

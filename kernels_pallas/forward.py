@@ -3,9 +3,10 @@
   prepare   grid (N, B*HV), all chunks at once:
             A = strict_lower(diag(beta) K K^T * Gamma), T = (I + A)^-1,
             W = T (beta * d_in * K)  [C, K],   U = T (beta * V)  [C, V],
-            and for the output sweep A_qk = scale * Q K^T * Gamma  [C, C]
+            and for the output sweep A_qk = scale * Q K^T * Gamma  [C, C] (Tiling.output_qk "prepare")
   sweep     grid (B*HV, V / BV), each program walks the N chunks in order with its [K, BV] state tile:
-            Vnew = U - W S,   O = scale * (d_in * Q) S + A_qk Vnew,
+            Vnew = U - W S,   O = scale * (d_in * Q) S + A_qk Vnew  (A_qk formed here when
+            output_qk is "sweep"),
             S <- d_chunk S + (d_out * K)^T Vnew
             Instead of O it can write each chunk's entering state and Vnew (the backward's residuals),
             or only the final state.
@@ -106,8 +107,8 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode:
           a_qk=None):
     """The pass across chunks (W/U form), grid (B*HV, V/BV).
 
-    mode "output":    returns (o [B,N,C,HV,V] in out_dtype, final state [B,HV,K,V] f32); needs a_qk
-                      (A_qk from `prepare`)
+    mode "output":    returns (o [B,N,C,HV,V] in out_dtype, final state [B,HV,K,V] f32); A_qk is
+                      a_qk (from `prepare`), or formed per chunk here when a_qk is None
     mode "residuals": returns (final state, states entering each chunk [B,N,HV,K,V], Vnew [B,N,C,HV,V]),
                       those two in mm_dtype (the backward uses them only as matmul operands)
     mode "output_residuals": returns (o, final state, states entering each chunk, Vnew): the forward
@@ -119,15 +120,13 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode:
     if mode not in ("output", "residuals", "final", "output_residuals"):
         raise ValueError(f"unknown sweep mode {mode!r}")
     with_o, with_res = mode in ("output", "output_residuals"), mode in ("residuals", "output_residuals")
-    if with_o and a_qk is None:
-        raise ValueError(f"the {mode} sweep needs a_qk (prepare(..., q=q))")
-    extra = [a_qk] if with_o else []
+    extra = [a_qk] if with_o and a_qk is not None else []
 
     def kernel(*refs):
         q_ref, k_ref, w_ref, u_ref, g_ref = refs[:5]
         doc_refs = refs[5:5 + len(docs)]
         s0_ref = refs[5 + len(docs)]
-        aqk_ref = refs[6 + len(docs)] if with_o else None
+        aqk_ref = refs[6 + len(docs)] if extra else None
         outs = list(refs[6 + len(docs) + len(extra):])
         o_ref = outs.pop(0) if with_o else None
         sT_ref = outs.pop(0)
@@ -148,8 +147,12 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode:
                 vn_ref[b, n, :, hv, vs] = vnew.astype(vn_ref.dtype)
             if with_o:
                 q_c = t.load_keys(q_ref, (b, n, slice(None), h), k0)
+                if aqk_ref is not None:
+                    a_qk_c = aqk_ref[b, n, :, hv, :]
+                else:  # a [C, C] tile of prepare's would not fit beside two stages of [C, K] loads
+                    a_qk_c = mm(q_c, k_c, tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
                 o = ((dec.d_in * t.scale)[:, None] * mm(q_c, S, dtype=mm_dtype)
-                     + mm(aqk_ref[b, n, :, hv, :], vnew, dtype=mm_dtype))
+                     + mm(a_qk_c, vnew, dtype=mm_dtype))
                 t.store_values(o_ref, (b, n, slice(None), hv), v0, BV, o)
             return dec.d_chunk * S + mm(k_c, vnew * dec.d_out[:, None], ta=True, dtype=mm_dtype)
 

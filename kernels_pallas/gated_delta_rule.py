@@ -63,6 +63,9 @@ class _TritonSweeps:
         if T is not None:  # the backward: no output sweep, so no A_qk
             w, u, T = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, T=T)
             return x._replace(T=T, w=w, u=u)
+        if t.output_qk == "sweep":  # the output sweep forms A_qk itself
+            w, u, T = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype)
+            return x._replace(T=T, w=w, u=u)
         w, u, T, a_qk = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, q=x.q)
         return x._replace(T=T, w=w, u=u, a_qk=a_qk)
 
@@ -118,6 +121,8 @@ class _MosaicSweeps:
 
 
 SWEEPS = {"triton": _TritonSweeps, "mosaic": _MosaicSweeps}
+# Where the Triton output sweep's A_qk = scale Q K^T Gamma is formed (make_tiling's output_qk).
+OUTPUT_QK = ("prepare", "sweep")
 # The kernel that forms dq, dk and the key-level gate terms: Triton (key-tiled, any shape) or Mosaic
 # (one program per chunk and value head, K, V <= 128).
 KEY_GRADS = {"triton": backward.key_grads, "mosaic": mosaic_grads.key_grads}
@@ -274,7 +279,7 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                 block_v=None, residual_block_v=None, inner_block_v=None, block_k=64, num_warps=4,
                 num_stages=1, sweep_warps=4, sweep_stages=None, mosaic_stages=None,
                 mosaic_warpgroups=None, reverse_warpgroups=None, key_grads=None, keep_residuals=False, mosaic_prepare=False, segments=None,
-                loop_stages=1, interpret=None) -> Tiling:
+                loop_stages=1, output_qk=None, interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here: `padded_head_dims`), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
     if sweeps not in SWEEPS:
@@ -321,6 +326,17 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
     # two [K, BV] stages of a sweep's loads must fit in shared memory
     stages_for = lambda bv: sweep_stages if sweep_stages is not None else 2 if Kp * bv <= 256 * 32 else 1
     sweep_stages, residual_stages = stages_for(block_v), stages_for(residual_block_v)
+    if output_qk is None:
+        # H200, 2026-12-03: with A_qk from prepare, two stages of the output sweep's loads at K = 256
+        # and block_v 32 (q, k, W [C, K], U [C, BV] and A_qk [C, C]) asked for 233984 bytes of
+        # shared memory, over the 232448 there are; the sweep forms it itself there.
+        output_qk = "prepare" if Kp <= 128 else "sweep"
+    if output_qk not in OUTPUT_QK:
+        raise ValueError(f"output_qk must be one of {OUTPUT_QK}, got {output_qk!r}")
+    if sweeps == "triton" and output_qk == "prepare" and sweep_stages == 2 and Kp * block_v >= 256 * 32:
+        raise ValueError(f"output_qk='prepare' with two sweep stages does not fit shared memory at "
+                         f"K = {Kp} (padded) and block_v = {block_v}: use output_qk='sweep', "
+                         f"sweep_stages=1 or a smaller block_v")
     if mosaic_stages is None:  # two stages of q, k [C, K] tiles fit shared memory up to K = 128
         mosaic_stages = 2 if Kp <= 128 else 1
     for name, value in (("block_v", block_v), ("residual_block_v", residual_block_v),
@@ -344,7 +360,7 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                key_grads=key_grads,
                keep_residuals=bool(keep_residuals), mosaic_prepare=bool(mosaic_prepare), segments=segments,
                interpret=bool(interpret), BVR=residual_block_v, residual_stages=residual_stages,
-               loop_stages=loop_stages, Kd=K if true_widths else Kp, Vd=V if true_widths else Vp)
+               loop_stages=loop_stages, output_qk=output_qk, Kd=K if true_widths else Kp, Vd=V if true_widths else Vp)
     if sweeps == "mosaic":
         reason = (mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
                   or mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BVR, dtype=dtype))
@@ -396,6 +412,9 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         (default 128 at K <= 128 where it divides the padded V, else 64), key tile (of the key-tiled
         gradient kernel), warps and stages; loop_stages: 1 unrolls the Triton gradient kernels'
         loop over value tiles (default), n > 1 makes it a loop software-pipelined n deep;
+      output_qk: "prepare" forms the output's A_qk = scale Q K^T Gamma once per chunk in the
+        chunk-parallel prepare kernel, "sweep" once per value tile in the Triton output sweep (default
+        "prepare" up to K = 128; at K = 256 its tile does not fit beside two stages of the sweep's loads);
       segments: context parallelism, the number of sequence segments swept side by side (default:
         enough to fill the GPU when B * HV is small; see `default_segments`);
       interpret: run the kernels in Pallas interpret mode (default: when there is no GPU).
