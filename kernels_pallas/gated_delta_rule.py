@@ -42,6 +42,7 @@ class Chunks(NamedTuple):
     w: jax.Array | None = None
     u: jax.Array | None = None
     a_qk: jax.Array | None = None
+    folded: tuple | None = None  # (Q', O_loc) with output_qk "folded"
 
     def split(self, P):
         return jax.tree.map(lambda x: cp.split(x, P), self)
@@ -66,6 +67,10 @@ class _TritonSweeps:
         if t.output_qk == "sweep":  # the output sweep forms A_qk itself
             w, u, T = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype)
             return x._replace(T=T, w=w, u=u)
+        if t.output_qk == "folded":
+            w, u, T, q_fold, o_loc = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, q=x.q,
+                                                     fold=True)
+            return x._replace(T=T, w=w, u=u, folded=(q_fold, o_loc))
         w, u, T, a_qk = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, q=x.q)
         return x._replace(T=T, w=w, u=u, a_qk=a_qk)
 
@@ -82,7 +87,7 @@ class _TritonSweeps:
     @staticmethod
     def sweep(x: Chunks, S0, t, mode, out_dtype=None):
         return forward.sweep(x.q, x.k, x.w, x.u, x.g, x.docs, S0, t, _mm_dtype(x.q.dtype), mode=mode,
-                             out_dtype=out_dtype, a_qk=x.a_qk)
+                             out_dtype=out_dtype, a_qk=x.a_qk, folded=x.folded)
 
     @staticmethod
     def reverse(x: Chunks, do, dS_final, t, mode):
@@ -122,7 +127,7 @@ class _MosaicSweeps:
 
 SWEEPS = {"triton": _TritonSweeps, "mosaic": _MosaicSweeps}
 # Where the Triton output sweep's A_qk = scale Q K^T Gamma is formed (make_tiling's output_qk).
-OUTPUT_QK = ("prepare", "sweep")
+OUTPUT_QK = ("prepare", "sweep", "folded")
 # The kernel that forms dq, dk and the key-level gate terms: Triton (key-tiled, any shape) or Mosaic
 # (one program per chunk and value head, K, V <= 128).
 KEY_GRADS = {"triton": backward.key_grads, "mosaic": mosaic_grads.key_grads}
@@ -415,6 +420,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
       output_qk: "prepare" forms the output's A_qk = scale Q K^T Gamma once per chunk in the
         chunk-parallel prepare kernel, "sweep" once per value tile in the Triton output sweep (default
         "prepare" up to K = 128; at K = 256 its tile does not fit beside two stages of the sweep's loads);
+        "folded" has prepare fold it into Q' = scale d_in Q - A_qk W [C, K] and O_loc = A_qk U [C, V],
+        and the sweep forms O = Q' S + O_loc (one [C, C] product and one [C, C] tile fewer per chunk);
       segments: context parallelism, the number of sequence segments swept side by side (default:
         enough to fill the GPU when B * HV is small; see `default_segments`);
       interpret: run the kernels in Pallas interpret mode (default: when there is no GPU).

@@ -356,19 +356,20 @@ def test_triton_gradients_with_several_key_and_value_tiles(segments, loop_stages
 
 @pytest.mark.parametrize("dtype", [jnp.float32, BF16])
 def test_triton_output_qk_from_prepare_or_the_sweep_matches_oracle(dtype):
-    """The output's in-chunk matrix A_qk = scale Q K^T Gamma formed by prepare (once per chunk) or
-    by the output sweep (once per value tile, the default at K > 128): both give the float64
-    oracle's output and state (GVA, documents, initial state, two value tiles)."""
+    """The output's in-chunk matrix A_qk = scale Q K^T Gamma formed by prepare (once per chunk), by
+    the output sweep (once per value tile, the default at K > 128), or folded by prepare into
+    Q' = scale d_in Q - A_qk W and O_loc = A_qk U: all give the float64 oracle's output and state
+    (GVA, documents, initial state, two value tiles, a non-power-of-two K read through masks)."""
     x, ref = _rounded(random_op_inputs(41, B=1, T=150, H=1, HV=2, K=40, V=48, with_state=True,
                                        num_docs=2), dtype)
     o_ref, S_ref = gated_delta_rule_oracle(**ref)
     tol = TOL[dtype][0]
     outs = {}
-    for where in ("prepare", "sweep"):
+    for where in ("prepare", "sweep", "folded"):
         o, S = _run(x, "pallas_triton", output_qk=where, block_v=16)
         assert rel_err(o, o_ref) < tol and rel_err(S, S_ref) < tol, (where, rel_err(o, o_ref))
         outs[where] = o
-    assert rel_err(outs["prepare"], outs["sweep"]) < tol
+    assert rel_err(outs["prepare"], outs["sweep"]) < tol and rel_err(outs["folded"], outs["sweep"]) < tol
 
 
 def test_triton_small_chunks_and_heads_match_oracle():
