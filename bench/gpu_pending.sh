@@ -14,8 +14,9 @@
 #   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope
 #   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA, FLA, new and old Mosaic defaults, K = 128
+#   bash bench/gpu_pending.sh flashqla_h16 # issue 10: the short form (h16k128, new defaults only)
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh k256|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval|flashqla"}
+part=${1:?"usage: bash bench/gpu_pending.sh k256|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval|flashqla|flashqla_h16"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -89,11 +90,17 @@ lm_eval)
     step train_tiny 120 python3 train.py --workdir /tmp/runs/tiny --steps 300
     step lm_eval 420 env FLA_FLASH_QLA=0 python3 bench/lm_eval_check.py --workdir /tmp/runs/tiny \
         --hf --out "$out/lm_eval_check.json" ;;
-flashqla)
+flashqla|flashqla_h16)
     mkdir -p /tmp/siteq && tar -xJf .anchors/qla.tar.xz -C /tmp/siteq
+    if [ "$part" = flashqla_h16 ]; then  # the short form: one shape, the new defaults, FLA, FlashQLA
+        step flashqla_h16 250 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 \
+            bench/bench_kernels.py --shapes h16k128 --variants mosaic --rounds 2 --iters 20 --no-chunk \
+            --flashqla-site /tmp/siteq
+        part=done
+    fi
     # FlashQLA (child process), FLA's Triton kernels, and ours in one call: the new Mosaic defaults
     # (checked first at each shape; t16k runs them under segments) against the old ones, in rounds.
-    step flashqla 560 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 bench/bench_kernels.py \
+    [ "$part" = done ] || step flashqla 560 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 bench/bench_kernels.py \
         --shapes h16k128,t16k --variants mosaic,mosaic-tkgrw1,triton --rounds 2 --iters 20 --no-chunk \
         --flashqla-site /tmp/siteq ;;
 *)
