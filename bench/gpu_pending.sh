@@ -39,13 +39,12 @@ k256)
     # forms A_qk itself (run L: prepare's A_qk tile made two stages of the sweep's loads overflow
     # shared memory by 1.5 KB). First the paper layer checked on the GPU (gradients included: masks
     # are new there) by default and with A_qk folded into Q' and O_loc (qp2), then per-kernel times
-    # of those and with the residuals kept (kr1), then all three and FLA, in rounds.
-    step k256_check 90 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+    # of both, then both and the default with the residuals kept (kr1), and FLA, in rounds.
+    step k256_check 80 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
         --shapes paper1.3b --iters 20 --no-chunk --no-fla --breakdown-only --check-all --variants triton,triton-qp2
-    step k256_breakdown 140 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
-        --shapes fla1.3b --iters 20 --no-chunk --no-fla --breakdown-only \
-        --variants triton,triton-qp2,triton-kr1
-    step k256_time 360 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
+    step k256_breakdown 110 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes fla1.3b --iters 20 --no-chunk --no-fla --breakdown-only --variants triton,triton-qp2
+    step k256_time 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
         python3 bench/bench_kernels.py --shapes paper1.3b,fla1.3b --iters 20 --rounds 2 \
         --no-chunk --no-check --variants triton,triton-qp2,triton-kr1 ;;
 kernels)
