@@ -259,9 +259,7 @@ VARIANT_KEYS = {"bv": "block_v", "bvr": "residual_block_v", "bi": "inner_block_v
                 "w": "num_warps", "s": "num_stages",
                 "x": "sweep_warps", "y": "sweep_stages", "ms": "mosaic_stages", "p": "segments",
                 "wg": "mosaic_warpgroups", "rw": "reverse_warpgroups", "kr": "keep_residuals",
-                "mp": "mosaic_prepare", "ls": "loop_stages", "qp": "output_qk"}
-# knobs whose value is a name: qp1 forms A_qk in prepare, qp0 in the output sweep, qp2 folds it
-NAMED_KNOBS = {"output_qk": ("sweep", "prepare", "folded")}
+                "mp": "mosaic_prepare", "ls": "loop_stages"}
 
 
 # The backward's chunk-parallel kernels (gated_delta_rule.CHUNK_GRADS) by variant tag: the Triton pair
@@ -280,9 +278,7 @@ def parse_variants(text):
     fused Mosaic pair + key kernel (fkg); the
     chunk-parallel kernels' inner value tile (bi),
     key tile (k), warps (w) and stages (s), and the gradient kernels' value-tile loop pipelined
-    (ls2, ls3; ls1 unrolled); the Triton output's A_qk from prepare (qp1), the sweep (qp0) or folded into
-    Q' and O_loc by prepare (qp2).
-    Left out: the op's defaults."""
+    (ls2, ls3; ls1 unrolled). Left out: the op's defaults."""
     out = []
     for item in text.split(","):
         backend, _, knobs = item.partition("-")
@@ -296,9 +292,7 @@ def parse_variants(text):
         unknown = set(nums) - set(VARIANT_KEYS)
         if unknown:
             raise SystemExit(f"--variants: unknown knob(s) {sorted(unknown)} in {item!r}")
-        knobs = {VARIANT_KEYS[k]: int(v) for k, v in nums.items()}
-        knobs.update({k: NAMED_KNOBS[k][knobs[k]] for k in NAMED_KNOBS if k in knobs})
-        out.append((item, {"sweeps": backend, **extra, **knobs}))
+        out.append((item, {"sweeps": backend, **extra, **{VARIANT_KEYS[k]: int(v) for k, v in nums.items()}}))
     return out
 
 
@@ -333,26 +327,15 @@ def breakdown(shape, launch, iters):
         ds_out, dvn, _ = timed("reverse sweep", lambda *a: mosaic_sweeps.reverse_sweep(
             *a, (), do, S0, t, mode="full"), q, k, T_, g, beta)
     else:
-        a_qk = folded = None
-        if t.output_qk == "prepare":
-            *_, a_qk = timed("prepare W, U, T, A_qk", lambda q, k, v, g, b: forward.prepare(
-                k, v, g, b, (), t, mmd, q=q), q, k, v, g, beta)
-        elif t.output_qk == "folded":
-            *_, qf, ol = timed("prepare W, U, T, Q', O_loc", lambda q, k, v, g, b: forward.prepare(
-                k, v, g, b, (), t, mmd, q=q, fold=True), q, k, v, g, beta)
-            folded = (qf, ol)
-        else:
-            timed("prepare W, U, T", lambda k, v, g, b: forward.prepare(k, v, g, b, (), t, mmd), k, v, g, beta)
+        timed("prepare W, U, T", lambda k, v, g, b: forward.prepare(k, v, g, b, (), t, mmd), k, v, g, beta)
         w_, u_, _ = timed("prepare W, U from T", lambda k, v, g, b, T: forward.prepare(
             k, v, g, b, (), t, mmd, T=T), k, v, g, beta, T_)
-        sw = lambda mode, t: lambda *a: forward.sweep(*a[:5], (), S0, t, mmd, mode=mode, out_dtype=v.dtype,
-                                                      a_qk=a[5] if len(a) > 5 else None,
-                                                      folded=a[6] if len(a) > 6 else None)
+        sw = lambda mode, t: lambda *a: forward.sweep(*a, (), S0, t, mmd, mode=mode, out_dtype=v.dtype)
         if t.keep_residuals:  # one sweep writes the output and the backward's residuals
             _, _, s_in, vn = timed("sweep output + residuals (kept)", sw("output_residuals", t),
-                                   q, k, w_, u_, g, a_qk, folded)
+                                   q, k, w_, u_, g)
         else:
-            timed("sweep output", sw("output", t), q, k, w_, u_, g, a_qk, folded)
+            timed("sweep output", sw("output", t), q, k, w_, u_, g)
             _, s_in, vn = timed("sweep residuals", sw("residuals", t.residual_tiling), q, k, w_, u_, g)
         dvl = timed("local dvnew", lambda q, k, g, do: backward.local_dvnew(q, k, g, (), do, t, mmd), q, k, g, do)
         ds_out, dvn, _ = timed("reverse sweep", lambda q, k, w, g, do, dvl: backward.reverse_sweep(

@@ -4,7 +4,7 @@
 # "flashqla", .anchors); logs go to $OUT (or ./gpu_logs), one file per step, and the tail of each
 # is printed at the end. Every step has its own timeout, so one that hangs cannot take the call.
 #
-#   bash bench/gpu_pending.sh k256         # issue 10: the masked paper layer checked, then K = 256 vs FLA
+#   bash bench/gpu_pending.sh k256         # issue 10: K = 256 against FLA, checked; pipelined gradient loops
 #   bash bench/gpu_pending.sh kernels      # issue 10: the new Mosaic defaults against the old, K = 128 shapes
 #   bash bench/gpu_pending.sh breakdown    # issue 10: per-kernel times of every Mosaic variant
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
@@ -34,19 +34,13 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a timeout, logging t
 
 case $part in
 k256)
-    # Written 2026-12-03 after run K: the Triton kernels read q, k, v at their true widths (masked),
-    # the residual sweep has its own value tile (bvr; 64 at K > 128), and at K > 128 the output sweep
-    # forms A_qk itself (run L: prepare's A_qk tile made two stages of the sweep's loads overflow
-    # shared memory by 1.5 KB). First the paper layer checked on the GPU (gradients included: masks
-    # are new there) by default and with A_qk folded into Q' and O_loc (qp2), then per-kernel times
-    # of both, then both and the default with the residuals kept (kr1), and FLA, in rounds.
-    step k256_check 80 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
-        --shapes paper1.3b --iters 20 --no-chunk --no-fla --breakdown-only --check-all --variants triton,triton-qp2
-    step k256_breakdown 110 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
-        --shapes fla1.3b --iters 20 --no-chunk --no-fla --breakdown-only --variants triton,triton-qp2
+    # Run L (2026-12-03) measured this part; what it leaves: the default against FLA at fla1.3b in one
+    # process (the step ran out of time before FLA's row), and the gradient kernels' pipelined loop.
+    step k256_breakdown 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes fla1.3b --iters 20 --no-chunk --no-fla --breakdown-only --variants triton,triton-ls2
     step k256_time 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
-        python3 bench/bench_kernels.py --shapes paper1.3b,fla1.3b --iters 20 --rounds 2 \
-        --no-chunk --no-check --variants triton,triton-qp2,triton-kr1 ;;
+        python3 bench/bench_kernels.py --shapes fla1.3b,paper1.3b --iters 20 --rounds 2 \
+        --no-chunk --variants triton ;;
 kernels)
     # The Mosaic defaults at K <= 128 (fused key grads, two-warpgroup reverse) against the old ones,
     # each shape's default checked first (t16k runs them under context parallelism: segments).

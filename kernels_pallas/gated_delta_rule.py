@@ -31,7 +31,7 @@ from kernels_pallas.layout import Tiling
 
 class Chunks(NamedTuple):
     """The chunked inputs (kernels_pallas/layout.py) and what `prepare` made of them: T, and for the
-    W/U-form sweeps W and U, and in the forward A_qk (else None)."""
+    W/U-form sweeps W and U (else None)."""
     q: jax.Array
     k: jax.Array
     v: jax.Array
@@ -41,8 +41,6 @@ class Chunks(NamedTuple):
     T: jax.Array
     w: jax.Array | None = None
     u: jax.Array | None = None
-    a_qk: jax.Array | None = None
-    folded: tuple | None = None  # (Q', O_loc) with output_qk "folded"
 
     def split(self, P):
         return jax.tree.map(lambda x: cp.split(x, P), self)
@@ -54,25 +52,15 @@ def _mm_dtype(dtype):
 
 
 class _TritonSweeps:
-    """W/U form: Vnew = U - W S, with W and U (and in the forward the output's A_qk) from `prepare`."""
+    """W/U form: Vnew = U - W S, with W and U from `prepare`."""
 
     @staticmethod
     def prepare(x: Chunks, t, T=None, kept=None) -> Chunks:
         mm_dtype = _mm_dtype(x.q.dtype)
         if kept is not None:  # the backward, residuals kept: the reverse sweep needs W, no U
             return x._replace(T=T, **kept)
-        if T is not None:  # the backward: no output sweep, so no A_qk
-            w, u, T = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, T=T)
-            return x._replace(T=T, w=w, u=u)
-        if t.output_qk == "sweep":  # the output sweep forms A_qk itself
-            w, u, T = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype)
-            return x._replace(T=T, w=w, u=u)
-        if t.output_qk == "folded":
-            w, u, T, q_fold, o_loc = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, q=x.q,
-                                                     fold=True)
-            return x._replace(T=T, w=w, u=u, folded=(q_fold, o_loc))
-        w, u, T, a_qk = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, q=x.q)
-        return x._replace(T=T, w=w, u=u, a_qk=a_qk)
+        w, u, T = forward.prepare(x.k, x.v, x.g, x.beta, x.docs, t, mm_dtype, T=T)
+        return x._replace(T=T, w=w, u=u)
 
     @staticmethod
     def kept_inputs(x: Chunks) -> dict:
@@ -87,7 +75,7 @@ class _TritonSweeps:
     @staticmethod
     def sweep(x: Chunks, S0, t, mode, out_dtype=None):
         return forward.sweep(x.q, x.k, x.w, x.u, x.g, x.docs, S0, t, _mm_dtype(x.q.dtype), mode=mode,
-                             out_dtype=out_dtype, a_qk=x.a_qk, folded=x.folded)
+                             out_dtype=out_dtype)
 
     @staticmethod
     def reverse(x: Chunks, do, dS_final, t, mode):
@@ -126,8 +114,6 @@ class _MosaicSweeps:
 
 
 SWEEPS = {"triton": _TritonSweeps, "mosaic": _MosaicSweeps}
-# Where the Triton output sweep's A_qk = scale Q K^T Gamma is formed (make_tiling's output_qk).
-OUTPUT_QK = ("prepare", "sweep", "folded")
 # The kernel that forms dq, dk and the key-level gate terms: Triton (key-tiled, any shape) or Mosaic
 # (one program per chunk and value head, K, V <= 128).
 KEY_GRADS = {"triton": backward.key_grads, "mosaic": mosaic_grads.key_grads}
@@ -284,7 +270,7 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                 block_v=None, residual_block_v=None, inner_block_v=None, block_k=64, num_warps=4,
                 num_stages=1, sweep_warps=4, sweep_stages=None, mosaic_stages=None,
                 mosaic_warpgroups=None, reverse_warpgroups=None, key_grads=None, keep_residuals=False, mosaic_prepare=False, segments=None,
-                loop_stages=1, output_qk=None, interpret=None) -> Tiling:
+                loop_stages=1, interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here: `padded_head_dims`), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
     if sweeps not in SWEEPS:
@@ -331,17 +317,6 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
     # two [K, BV] stages of a sweep's loads must fit in shared memory
     stages_for = lambda bv: sweep_stages if sweep_stages is not None else 2 if Kp * bv <= 256 * 32 else 1
     sweep_stages, residual_stages = stages_for(block_v), stages_for(residual_block_v)
-    if output_qk is None:
-        # H200, 2026-12-03: with A_qk from prepare, two stages of the output sweep's loads at K = 256
-        # and block_v 32 (q, k, W [C, K], U [C, BV] and A_qk [C, C]) asked for 233984 bytes of
-        # shared memory, over the 232448 there are; the sweep forms it itself there.
-        output_qk = "prepare" if Kp <= 128 else "sweep"
-    if output_qk not in OUTPUT_QK:
-        raise ValueError(f"output_qk must be one of {OUTPUT_QK}, got {output_qk!r}")
-    if sweeps == "triton" and output_qk == "prepare" and sweep_stages == 2 and Kp * block_v >= 256 * 32:
-        raise ValueError(f"output_qk='prepare' with two sweep stages does not fit shared memory at "
-                         f"K = {Kp} (padded) and block_v = {block_v}: use output_qk='sweep', "
-                         f"sweep_stages=1 or a smaller block_v")
     if mosaic_stages is None:  # two stages of q, k [C, K] tiles fit shared memory up to K = 128
         mosaic_stages = 2 if Kp <= 128 else 1
     for name, value in (("block_v", block_v), ("residual_block_v", residual_block_v),
@@ -365,7 +340,7 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                key_grads=key_grads,
                keep_residuals=bool(keep_residuals), mosaic_prepare=bool(mosaic_prepare), segments=segments,
                interpret=bool(interpret), BVR=residual_block_v, residual_stages=residual_stages,
-               loop_stages=loop_stages, output_qk=output_qk, Kd=K if true_widths else Kp, Vd=V if true_widths else Vp)
+               loop_stages=loop_stages, Kd=K if true_widths else Kp, Vd=V if true_widths else Vp)
     if sweeps == "mosaic":
         reason = (mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BV, dtype=dtype)
                   or mosaic_common.unsupported_reason(C=t.C, K=t.K, V=t.V, BV=t.BVR, dtype=dtype))
@@ -411,17 +386,12 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
       keep_residuals: with one segment, the forward of a differentiated call stores the states
         entering each chunk and Vnew (bf16) as it goes, and the backward skips its residual sweep
         (default False: it holds 2 (K V / C + V) bytes more per token and value head between forward
-        and backward, and on Mosaic at K = 128 it measured slower; on Triton at K = 256, where the
-        residual sweep is ~0.6 ms a layer, not yet measured);
+        and backward, and it measured slower on Mosaic at K = 128 and on Triton at K = 256: the output
+        sweep's extra writes cost more than the residual sweep they save);
       inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop
         (default 128 at K <= 128 where it divides the padded V, else 64), key tile (of the key-tiled
         gradient kernel), warps and stages; loop_stages: 1 unrolls the Triton gradient kernels'
         loop over value tiles (default), n > 1 makes it a loop software-pipelined n deep;
-      output_qk: "prepare" forms the output's A_qk = scale Q K^T Gamma once per chunk in the
-        chunk-parallel prepare kernel, "sweep" once per value tile in the Triton output sweep (default
-        "prepare" up to K = 128; at K = 256 its tile does not fit beside two stages of the sweep's loads);
-        "folded" has prepare fold it into Q' = scale d_in Q - A_qk W [C, K] and O_loc = A_qk U [C, V],
-        and the sweep forms O = Q' S + O_loc (one [C, C] product and one [C, C] tile fewer per chunk);
       segments: context parallelism, the number of sequence segments swept side by side (default:
         enough to fill the GPU when B * HV is small; see `default_segments`);
       interpret: run the kernels in Pallas interpret mode (default: when there is no GPU).

@@ -59,7 +59,6 @@ class Tiling(NamedTuple):
     BVR: int = 0                # value tile of the backward's residual sweep (0: BV)
     residual_stages: int = 0    # its pipelining depth (0: sweep_stages)
     loop_stages: int = 1        # gradient kernels' value-tile loop: 1 unrolled, n > 1 pipelined n deep
-    output_qk: str = "prepare"  # Triton forward: A_qk formed in prepare or in the output sweep
     Kd: int = 0                 # q, k (and dq, dk) as the caller holds them: true width (0: K)
     Vd: int = 0                 # v, dO and o: true width (0: V)
 

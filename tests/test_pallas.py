@@ -354,24 +354,6 @@ def test_triton_gradients_with_several_key_and_value_tiles(segments, loop_stages
         assert rel_err(gp, gr) < 1e-4, (name, rel_err(gp, gr))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, BF16])
-def test_triton_output_qk_from_prepare_or_the_sweep_matches_oracle(dtype):
-    """The output's in-chunk matrix A_qk = scale Q K^T Gamma formed by prepare (once per chunk), by
-    the output sweep (once per value tile, the default at K > 128), or folded by prepare into
-    Q' = scale d_in Q - A_qk W and O_loc = A_qk U: all give the float64 oracle's output and state
-    (GVA, documents, initial state, two value tiles, a non-power-of-two K read through masks)."""
-    x, ref = _rounded(random_op_inputs(41, B=1, T=150, H=1, HV=2, K=40, V=48, with_state=True,
-                                       num_docs=2), dtype)
-    o_ref, S_ref = gated_delta_rule_oracle(**ref)
-    tol = TOL[dtype][0]
-    outs = {}
-    for where in ("prepare", "sweep", "folded"):
-        o, S = _run(x, "pallas_triton", output_qk=where, block_v=16)
-        assert rel_err(o, o_ref) < tol and rel_err(S, S_ref) < tol, (where, rel_err(o, o_ref))
-        outs[where] = o
-    assert rel_err(outs["prepare"], outs["sweep"]) < tol and rel_err(outs["folded"], outs["sweep"]) < tol
-
-
 def test_triton_small_chunks_and_heads_match_oracle():
     """Chunk sizes 16 and 32 and head dims below 64 (Triton only)."""
     for C, opts in ((16, dict(T=45, H=1, HV=2, K=16, V=16)), (32, dict(T=40, K=20, V=40, num_docs=2))):
@@ -574,14 +556,6 @@ def test_head_dims_pad_to_the_value_tiles_and_bad_tiles_are_named():
     assert (t256.BV, t256.sweep_stages, t256.BVR, t256.residual_stages) == (32, 2, 64, 1)
     assert t256.residual_tiling.BV == 64 and t256.residual_tiling.sweep_stages == 1
     assert (t.BVR, t.residual_tiling.BV) == (32, 32)
-    # The output's A_qk: from prepare up to K = 128; at K = 256 the output sweep forms it (prepare's
-    # [C, C] tile beside two stages of [C, 256] loads overflowed an H200's shared memory).
-    assert (t.output_qk, t256.output_qk) == ("prepare", "sweep")
-    assert make_tiling(K=256, V=448, output_qk="prepare", sweep_stages=1, **kw).output_qk == "prepare"
-    with pytest.raises(ValueError, match="output_qk='prepare' with two sweep stages"):
-        make_tiling(K=256, V=448, output_qk="prepare", **kw)
-    with pytest.raises(ValueError, match="output_qk must be one of"):
-        make_tiling(K=128, V=320, output_qk="inline", **kw)
     for name, bad in (("block_v", dict(block_v=128)), ("inner_block_v", dict(inner_block_v=128)),
                       ("block_v", dict(block_v=48)), ("residual_block_v", dict(residual_block_v=128)),
                       ("loop_stages", dict(loop_stages=0))):
