@@ -266,6 +266,21 @@ def _mosaic_on_gpu_up_to_128(sweeps, K, V, interpret, values=False) -> bool:
     return sweeps == "mosaic" and not interpret and Kp <= 128 and (not values or Vp <= 128)
 
 
+# Shared memory per SM that a Triton kernel may ask for on Hopper (H100 / H200: 227 KiB).
+HOPPER_SHARED_BYTES = 232448
+
+
+def two_sweep_stages_fit(*, C, K, BV, itemsize) -> bool:
+    """Whether two software-pipelining stages of a Triton sweep fit shared memory: each stage holds
+    three [C, K] tiles (q, k, W) and one [C, BV] tile, and the [K, BV] state is staged once as a
+    matmul operand. Calibrated on an H200 (docs/benchmarks.md, run L): the output sweep at bf16,
+    K = 256, BV = 32 fitted (this estimate 221184 bytes), and with a fourth [C, C] tile per stage
+    Triton asked for 233984 bytes (estimate 237568) and failed. Interpret mode and the CPU lowering
+    cannot see this limit, so the rule is written down here rather than found on a GPU."""
+    estimate = 2 * itemsize * C * (3 * K + BV) + itemsize * K * BV
+    return estimate <= HOPPER_SHARED_BYTES
+
+
 def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps="triton",
                 block_v=None, residual_block_v=None, inner_block_v=None, block_k=64, num_warps=4,
                 num_stages=1, sweep_warps=4, sweep_stages=None, mosaic_stages=None,
@@ -314,8 +329,9 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
         # paper's), while the output and reverse sweeps were no faster or slower at 64.
         residual_block_v = 64 if sweeps == "triton" and Kp > 128 else block_v
     residual_block_v = min(residual_block_v, Vp)
-    # two [K, BV] stages of a sweep's loads must fit in shared memory
-    stages_for = lambda bv: sweep_stages if sweep_stages is not None else 2 if Kp * bv <= 256 * 32 else 1
+    itemsize = _mm_dtype(dtype).itemsize
+    stages_for = lambda bv: (sweep_stages if sweep_stages is not None
+                             else 2 if two_sweep_stages_fit(C=chunk_size, K=Kp, BV=bv, itemsize=itemsize) else 1)
     sweep_stages, residual_stages = stages_for(block_v), stages_for(residual_block_v)
     if mosaic_stages is None:  # two stages of q, k [C, K] tiles fit shared memory up to K = 128
         mosaic_stages = 2 if Kp <= 128 else 1

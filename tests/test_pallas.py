@@ -552,10 +552,19 @@ def test_head_dims_pad_to_the_value_tiles_and_bad_tiles_are_named():
     assert (t.K, t.V, t.BV, t.BVI) == (128, 320, 32, 64)  # 128 does not divide 320: inner tile 64
     assert make_tiling(K=128, V=384, **kw).BVI == 128
     # The residual sweep's tile: 64 on Triton at K > 128 (one pipelining stage then fits), else block_v.
-    t256 = make_tiling(K=256, V=448, **kw)
+    t256 = make_tiling(K=256, V=448, **{**kw, "dtype": BF16})
     assert (t256.BV, t256.sweep_stages, t256.BVR, t256.residual_stages) == (32, 2, 64, 1)
     assert t256.residual_tiling.BV == 64 and t256.residual_tiling.sweep_stages == 1
     assert (t.BVR, t.residual_tiling.BV) == (32, 32)
+    # Two pipelining stages only where they fit a Hopper's shared memory: the H200's answers in run L
+    # (bf16, K = 256, BV = 32 fitted; a [C, C] tile more per stage did not), and so at float32 inputs
+    # K = 256 gets one stage, as does K = 512.
+    from kernels_pallas.gated_delta_rule import two_sweep_stages_fit
+    assert two_sweep_stages_fit(C=64, K=256, BV=32, itemsize=2)
+    assert not two_sweep_stages_fit(C=64 + 32, K=256, BV=32, itemsize=2)  # ~ the failed [C, C] tile
+    assert make_tiling(K=256, V=448, **kw).sweep_stages == 1  # float32
+    assert make_tiling(K=128, V=128, **kw).sweep_stages == 2
+    assert make_tiling(K=512, V=64, block_v=16, **{**kw, "dtype": BF16}).sweep_stages == 1
     for name, bad in (("block_v", dict(block_v=128)), ("inner_block_v", dict(inner_block_v=128)),
                       ("block_v", dict(block_v=48)), ("residual_block_v", dict(residual_block_v=128)),
                       ("loop_stages", dict(loop_stages=0))):
