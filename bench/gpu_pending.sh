@@ -34,13 +34,15 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a timeout, logging t
 
 case $part in
 k256)
-    # Run L (2026-12-03) measured this part; what it leaves: the default against FLA at fla1.3b in one
-    # process (the step ran out of time before FLA's row), and the gradient kernels' pipelined loop.
-    step k256_breakdown 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
-        --shapes fla1.3b --iters 20 --no-chunk --no-fla --breakdown-only --variants triton,triton-ls2
-    step k256_time 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
+    # Run L (2026-12-03) measured the masked paths and the output sweep; what it leaves at K = 256:
+    # the gradient kernels' loop over value tiles software-pipelined (ls2, ls3; FLA's autotuned
+    # dq/dk kernel runs 2-4 stages, ours unrolled at 1; key grads are the largest kernel, 1.02 ms
+    # against a ~0.37 ms memory floor), end to end against the default and FLA in one process.
+    step k256_time 420 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
         python3 bench/bench_kernels.py --shapes fla1.3b,paper1.3b --iters 20 --rounds 2 \
-        --no-chunk --variants triton ;;
+        --no-chunk --variants triton,triton-ls2,triton-ls3
+    step k256_breakdown 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes fla1.3b --iters 20 --no-chunk --no-fla --no-check --breakdown-only --variants triton-ls2,triton-ls3 ;;
 kernels)
     # The Mosaic defaults at K <= 128 (fused key grads, two-warpgroup reverse) against the old ones,
     # each shape's default checked first (t16k runs them under context parallelism: segments).
