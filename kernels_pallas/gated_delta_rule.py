@@ -273,9 +273,10 @@ HOPPER_SHARED_BYTES = 232448
 def two_sweep_stages_fit(*, C, K, BV, itemsize) -> bool:
     """Whether two software-pipelining stages of a Triton sweep fit shared memory: each stage holds
     three [C, K] tiles (q, k, W) and one [C, BV] tile, and the [K, BV] state is staged once as a
-    matmul operand. Calibrated on an H200 (docs/benchmarks.md, run L): the output sweep at bf16,
-    K = 256, BV = 32 fitted (this estimate 221184 bytes), and with a fourth [C, C] tile per stage
-    Triton asked for 233984 bytes (estimate 237568) and failed. Interpret mode and the CPU lowering
+    matmul operand. Calibrated on the GPUs' answers (docs/benchmarks.md): the sweeps at bf16,
+    K = 256, BV = 32 fitted on an H200 (this estimate 221184 bytes) and at float32, K = 128, BV = 32 on
+    an H100 (229376, commit 9d08e82's feature check); with a fourth [C, C] tile per stage Triton asked
+    for 233984 bytes (estimate 237568) and failed (run L). Interpret mode and the CPU lowering
     cannot see this limit, so the rule is written down here rather than found on a GPU."""
     estimate = 2 * itemsize * C * (3 * K + BV) + itemsize * K * BV
     return estimate <= HOPPER_SHARED_BYTES
