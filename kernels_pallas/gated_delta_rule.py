@@ -331,8 +331,12 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
         residual_block_v = 64 if sweeps == "triton" and Kp > 128 else block_v
     residual_block_v = min(residual_block_v, Vp)
     itemsize = _mm_dtype(dtype).itemsize
-    stages_for = lambda bv: (sweep_stages if sweep_stages is not None
-                             else 2 if two_sweep_stages_fit(C=chunk_size, K=Kp, BV=bv, itemsize=itemsize) else 1)
+
+    def stages_for(bv):  # given, or two where they fit shared memory
+        if sweep_stages is not None:
+            return sweep_stages
+        return 2 if two_sweep_stages_fit(C=chunk_size, K=Kp, BV=bv, itemsize=itemsize) else 1
+
     sweep_stages, residual_stages = stages_for(block_v), stages_for(residual_block_v)
     if mosaic_stages is None:  # two stages of q, k [C, K] tiles fit shared memory up to K = 128
         mosaic_stages = 2 if Kp <= 128 else 1

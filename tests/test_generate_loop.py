@@ -23,6 +23,7 @@ from gdn_jax.ops import decode_recurrence
 from gdn_jax.reference import recurrent_step, repeat_heads
 from gdn_jax.model import LM
 from gdn_jax.ops import gated_delta_rule_step
+from jaxpr_eqns import all_eqns
 from op_inputs import random_op_inputs
 from oracle import gated_delta_rule_oracle
 
@@ -187,17 +188,6 @@ def test_default_inference_copy_is_bit_identical_to_the_training_model():
         np.testing.assert_array_equal(a, b)
 
 
-def _convert_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "convert_element_type":
-            yield eqn
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _convert_eqns(inner)
-
-
 def test_loop_casts_no_weight_and_consumes_the_cache():
     """No float32 -> compute-dtype cast of a weight inside the loop (the training model has them,
     so the check can fail), and the donated cache is consumed rather than copied."""
@@ -215,8 +205,9 @@ def test_loop_casts_no_weight_and_consumes_the_cache():
                                  temperature=0.0, top_k=None, top_p=None, eos_id=None, stream=False,
                                  check_every=1)
         args = (state, cache, first, rng, jnp.int32(0), jnp.int32(N))
-        casts[key] = [e for e in _convert_eqns(jax.make_jaxpr(loop)(*args).jaxpr)
-                      if e.invars[0].aval.shape in weight_shapes
+        casts[key] = [e for e in all_eqns(jax.make_jaxpr(loop)(*args).jaxpr)
+                      if e.primitive.name == "convert_element_type"
+                      and e.invars[0].aval.shape in weight_shapes
                       and e.invars[0].aval.dtype == jnp.float32]
     loop(*args)
     assert all(x.is_deleted() for x in jax.tree.leaves(cache))

@@ -16,6 +16,7 @@ from gdn_jax import impls
 from gdn_jax.ops import gated_delta_rule, resets_from_segment_ids
 from kernels_pallas import pallas_gated_delta_rule
 from op_inputs import random_op_inputs
+from jaxpr_eqns import all_eqns
 from oracle import gated_delta_rule_oracle
 from test_ops import OP_ARGS, rel_err
 
@@ -320,7 +321,7 @@ def _kernel_names(args, **launch):
     args = [jnp.pad(a, [(0, 0), (0, T_pad)] + [(0, 0)] * (a.ndim - 2)) if i < 5 else a
             for i, a in enumerate(args)]
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=tuple(range(6))))(*args).jaxpr
-    return [e.params["name"] for e in _all_eqns(jaxpr) if e.primitive.name == "pallas_call"]
+    return [e.params["name"] for e in all_eqns(jaxpr) if e.primitive.name == "pallas_call"]
 
 
 @pytest.mark.parametrize("segments, loop_stages", [(1, 1), (2, 1), (1, 2)])
@@ -478,16 +479,6 @@ def test_triton_kernels_lower_for_gpu_at_the_paper_head_dims(monkeypatch, segmen
         assert "gdn_sweep_residuals" not in text
 
 
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _all_eqns(inner)
-
-
 def test_triton_path_copies_no_padded_q_k_v():
     """At K = 200, V = 400 the Triton path pads only the small state: no pad of q, k, v, dO (the
     kernels read them at their true widths); the padded copies were 0.25 ms of the paper layer's
@@ -502,7 +493,7 @@ def test_triton_path_copies_no_padded_q_k_v():
         return o.astype(jnp.float32).sum() + S.sum()
 
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=tuple(range(6))))(q, q, v, g, g, S0).jaxpr
-    padded = [tuple(e.invars[0].aval.shape) for e in _all_eqns(jaxpr) if e.primitive.name == "pad"]
+    padded = [tuple(e.invars[0].aval.shape) for e in all_eqns(jaxpr) if e.primitive.name == "pad"]
     # Only states [B, HV, K', V'] (S0, and the gradient's transposes of its slice) are padded; q, k,
     # v, o and their cotangents are [B, T, heads, width].
     assert padded and all(len(s) == 4 and s[1] == HV and s[2] in (K, 256) for s in padded), padded
