@@ -286,7 +286,7 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                 block_v=None, residual_block_v=None, inner_block_v=None, block_k=64, num_warps=4,
                 num_stages=1, sweep_warps=4, sweep_stages=None, mosaic_stages=None,
                 mosaic_warpgroups=None, reverse_warpgroups=None, key_grads=None, keep_residuals=False, mosaic_prepare=False, segments=None,
-                loop_stages=1, interpret=None) -> Tiling:
+                loop_stages=None, interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here: `padded_head_dims`), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
     if sweeps not in SWEEPS:
@@ -312,6 +312,14 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
     for name, value in (("mosaic_warpgroups", mosaic_warpgroups), ("reverse_warpgroups", reverse_warpgroups)):
         if value not in (1, 2):
             raise ValueError(f"{name} must be 1 or 2, got {value!r}")
+    if loop_stages is None:
+        # H200, 2026-12-03 run M (docs/benchmarks.md): the Triton gradient kernels' value-tile loop
+        # pipelined three deep took fla_gdn_1.3b's layer (K = 256) from 3.319 to 2.548 ms
+        # forward+backward and the paper's (K = 200) from 4.522 to 3.476 (FLA: 3.244 and 4.431);
+        # two deep gave 2.669 and 3.609. Measured with bf16 inputs only: float32 tiles are twice
+        # the shared memory, so they keep the unrolled loop.
+        loop_stages = 3 if sweeps == "triton" and padded_head_dims(K, V)[0] > 128 \
+            and _mm_dtype(dtype).itemsize == 2 else 1
     if not isinstance(loop_stages, int) or loop_stages < 1:
         raise ValueError(f"loop_stages must be an integer >= 1, got {loop_stages!r}")
     if key_grads not in CHUNK_GRADS:
@@ -412,7 +420,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
       inner_block_v, block_k, num_warps, num_stages: the chunk-parallel kernels' value-tile loop
         (default 128 at K <= 128 where it divides the padded V, else 64), key tile (of the key-tiled
         gradient kernel), warps and stages; loop_stages: 1 unrolls the Triton gradient kernels'
-        loop over value tiles (default), n > 1 makes it a loop software-pipelined n deep;
+        loop over value tiles, n > 1 makes it a loop software-pipelined n deep (default 3 with the
+        Triton sweeps at K > 128 and 16-bit inputs, else 1);
       segments: context parallelism, the number of sequence segments swept side by side (default:
         enough to fill the GPU when B * HV is small; see `default_segments`);
       interpret: run the kernels in Pallas interpret mode (default: when there is no GPU).
