@@ -2,7 +2,7 @@
 
     python3 bench/niah_walltime.py --workdir runs/tiny                 # a train.py workdir
     python3 bench/niah_walltime.py --preset fla_gdn_1.3b               # random weights
-    python3 bench/niah_walltime.py --preset tiny --lengths 256 --samples 1 --depths 0.5   # CPU check
+    python3 bench/niah_walltime.py --preset tiny --lengths 512 --samples 1 --depths 0.5   # CPU check
 
 Both paths run `gdn_jax.evaluate.runner.run_niah` (what `eval.py --tasks niah` runs) on the same
 prompts:

@@ -244,7 +244,10 @@ def check_generate_args(vocab_size: int, prompt_BxP, *, max_new_tokens, temperat
             raise ValueError(f"eos_id must be in [0, {vocab_size}) or None, got {eos_id}")
     need = P + N
     if cache_len is None:
-        cache_len = need
+        # Slots for the decode loop's whole compiled width, not for exactly N: prefill compiles per
+        # cache_len, so calls whose budgets share a loop_capacity (eval's tasks, each with its own
+        # answer length) share one prefill compile as they share one decode loop.
+        cache_len = P + loop_capacity(N)
     elif _integer("cache_len", cache_len) < need:
         raise ValueError(f"cache_len = {cache_len} attention slots cannot hold the prompt (P = {P}) "
                          f"plus max_new_tokens = {N}: {need} tokens")
@@ -277,7 +280,8 @@ def generate(model, prompt_tokens_BxP, *, max_new_tokens: int, temperature: floa
       prompt_lengths: [B] real prompt lengths in [1, P]; None means every row is a full prompt.
       eos_id: a row that emits it keeps emitting it; when every row has, the loop ends.
       callback: callback(i, tokens_B) on the host for each new token i (see the module docstring).
-      cache_len: KV slots of the attention layers; default P + N, the least that serves the call.
+      cache_len: KV slots of the attention layers, at least P + N; default P + loop_capacity(N)
+        (N rounded up to a power of two), so that calls with nearby budgets share their compiles.
       check_every: decode steps between tests of "N tokens out or every row done" (see
         decode_loop); outputs do not depend on it.
     Returns:
@@ -305,6 +309,8 @@ def generate(model, prompt_tokens_BxP, *, max_new_tokens: int, temperature: floa
 
 
 def loop_capacity(max_new_tokens: int) -> int:
-    """The output width decode_loop is compiled for: max_new_tokens rounded up to a power of two
-    (at least 16), so calls with different token budgets share a compile."""
-    return max(16, 1 << (max_new_tokens - 1).bit_length())
+    """The output width decode_loop is compiled for: max_new_tokens rounded up to a power of two,
+    at least 64, so calls with different token budgets share a compile (eval's needle tasks ask for
+    4 to 40 new tokens each). Only N = max_new_tokens steps run; the width costs B * 64 int32 of
+    output and, through the default cache_len, 64 attention slots."""
+    return max(64, 1 << (max_new_tokens - 1).bit_length())

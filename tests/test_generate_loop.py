@@ -147,6 +147,21 @@ def test_rows_stop_at_eos_the_others_continue_and_the_stream_sees_every_token():
     assert all((t == eos).all() for _, t in seen[stop:])
 
 
+def test_token_budgets_up_to_64_share_one_prefill_and_one_loop_compile():
+    """eval's needle tasks ask for different answer lengths at one prompt length: with an attention
+    layer (whose cache slots depend on the budget) the calls compile prefill and the loop once, and
+    the shorter budget gives the first tokens of the longer."""
+    model = for_inference(lm("tiny_h1"))
+    _, batch = left_padded_batch((13, 13), seed=11)
+    before = G.prefill._cache_size(), G.decode_loop._cache_size()
+    outs = [np.asarray(G.generate(model, batch, max_new_tokens=n, temperature=0.0)) for n in (3, 40, 64)]
+    assert (G.prefill._cache_size() - before[0], G.decode_loop._cache_size() - before[1]) == (1, 1)
+    np.testing.assert_array_equal(outs[0], outs[2][:, :3])
+    np.testing.assert_array_equal(outs[1], outs[2][:, :40])
+    np.asarray(G.generate(model, batch, max_new_tokens=65, temperature=0.0))  # a wider loop
+    assert G.decode_loop._cache_size() - before[1] == 2
+
+
 def test_bf16_inference_copy_keeps_float32_states_and_agrees_with_float32():
     model = lm("tiny_h2", init_std=0.02)  # float32 weights and compute; the preset's init
     bf16 = for_inference(model, dtype="bfloat16")
