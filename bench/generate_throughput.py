@@ -6,11 +6,12 @@
 
 Random weights, random prompt tokens, greedy decoding, no EOS, so every row runs every step.
 Decode rows (B in --batches, prompt --prompt tokens, --new new tokens), one per variant:
-  loop    generate(): the inference copy (weights cast once to bf16), prefill compiled once, the
-          token loop compiled once (lax.while_loop); the default path.
-  fused   the same with for_inference(fuse=True): one matmul per group of projections, GDN's state
-          read once per step for both of its products.
-  stream  loop with a no-op streaming callback on every token (the callback's cost).
+  loop    generate(): the inference copy (weights cast once to bf16) with unfused projections
+          (for_inference(fuse=False)), prefill compiled once, the token loop compiled once
+          (lax.while_loop).
+  fused   the same with fused projections (for_inference's default, so what generate() and eval
+          run): one matmul per group of projections.
+  stream  fused with a no-op streaming callback on every token (the callback's cost).
   python  before issue 11: float32 parameters, one jitted decode_step dispatched from Python per token.
   A suffix -sK (loop-s8, fused-s8) tests the stop condition every K steps instead of every step
   (generate(check_every=K): on a GPU each test is a device-to-host read of the loop predicate).
@@ -325,10 +326,10 @@ def main(argv=None):
         cfg = get_model_config(name, **overrides)
         raw = LM(cfg, rngs=nnx.Rngs(0))
         bases = {split_variant(v)[0] for v in args.variants}
-        models = {"loop": for_inference(raw, dtype=args.dtype)}
-        models["stream"] = models["loop"]
-        if "fused" in bases:
-            models["fused"] = for_inference(raw, dtype=args.dtype, fuse=True)
+        models = {"fused": for_inference(raw, dtype=args.dtype)}  # the default copy: fused
+        models["stream"] = models["fused"]
+        if "loop" in bases:
+            models["loop"] = for_inference(raw, dtype=args.dtype, fuse=False)
         if "python" in bases:
             models["python"] = raw
         del raw

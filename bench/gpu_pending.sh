@@ -4,19 +4,21 @@
 # "flashqla", .anchors); logs go to $OUT (or ./gpu_logs), one file per step, and the tail of each
 # is printed at the end. Every step has its own timeout, so one that hangs cannot take the call.
 #
-#   bash bench/gpu_pending.sh k256         # issue 10: K = 256 against FLA, checked; pipelined gradient loops
-#   bash bench/gpu_pending.sh kernels      # issue 10: the new Mosaic defaults against the old, K = 128 shapes
-#   bash bench/gpu_pending.sh breakdown    # issue 10: per-kernel times of every Mosaic variant
+#   bash bench/gpu_pending.sh five         # issue 10: FLA in the same process at h6k256v512 and qwen3next
+#   bash bench/gpu_pending.sh train        # issue 13: fla_gdn_1.3b and gdn_1.3b steps after run M's kernels
+#   bash bench/gpu_pending.sh generation2  # issue 11: S-NIAH before/after in one call, gdn_1.3b B = 256, 32K
+#   bash bench/gpu_pending.sh cmdbuf       # issue 11: CUDA graphs for the decode loop at B = 1, 16
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
-#   bash bench/gpu_pending.sh generation   # issue 11: fla_gdn_1.3b with FLA in the same run
-#   bash bench/gpu_pending.sh generation2  # issue 11: gdn_1.3b, S-NIAH wall time, CUDA graphs
-#   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1; issue 13: gdn_1.3b step
+#   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1
 #   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope
 #   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA
+#   bash bench/gpu_pending.sh generation   # issue 11: fla_gdn_1.3b with FLA in the same run (done: run of 2026-12-03)
+#   bash bench/gpu_pending.sh kernels      # issue 10: the new Mosaic defaults against the old, K = 128 shapes
+#   bash bench/gpu_pending.sh breakdown    # issue 10: per-kernel times of every Mosaic variant
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA, FLA, new and old Mosaic defaults, K = 128
 #   bash bench/gpu_pending.sh flashqla_h16 # issue 10: the short form (h16k128, new defaults only)
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh k256|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval|flashqla|flashqla_h16"}
+part=${1:?"usage: bash bench/gpu_pending.sh five|train|cmdbuf|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval|flashqla|flashqla_h16"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -33,16 +35,18 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a timeout, logging t
 }
 
 case $part in
-k256)
-    # Run L (2026-12-03) measured the masked paths and the output sweep; what it leaves at K = 256:
-    # the gradient kernels' loop over value tiles software-pipelined (ls2, ls3; FLA's autotuned
-    # dq/dk kernel runs 2-4 stages, ours unrolled at 1; key grads are the largest kernel, 1.02 ms
-    # against a ~0.37 ms memory floor), end to end against the default and FLA in one process.
-    step k256_time 420 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 \
-        python3 bench/bench_kernels.py --shapes fla1.3b,paper1.3b --iters 20 --rounds 2 \
-        --no-chunk --variants triton,triton-ls2,triton-ls3
-    step k256_breakdown 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
-        --shapes fla1.3b --iters 20 --no-chunk --no-fla --no-check --breakdown-only --variants triton-ls2,triton-ls3 ;;
+five)
+    # issue 10's last needed rows: FLA in the same process at the two shapes that lack one, each on
+    # the path impl="pallas" picks there (Triton at K = 256, Mosaic at K = 128), checked first.
+    step five_k256 280 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 bench/bench_kernels.py \
+        --shapes h6k256v512 --iters 20 --rounds 2 --no-chunk --variants triton
+    step five_qwen 280 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 bench/bench_kernels.py \
+        --shapes qwen3next --iters 20 --rounds 2 --no-chunk --variants mosaic ;;
+train)
+    # issue 13: the training step after run M's gradient loops (-0.77 ms a layer at fla1.3b's
+    # shape, 21 layers: predicted 369.6 -> ~355 ms, 37.3% -> ~38.8% MFU), then the paper layout.
+    step train_fla_1p3b 250 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8
+    step train_gdn_1p3b 250 python3 bench/train_throughput.py --config gdn_1.3b --steps 8 ;;
 kernels)
     # The Mosaic defaults at K <= 128 (fused key grads, two-warpgroup reverse) against the old ones,
     # each shape's default checked first (t16k runs them under context parallelism: segments).
@@ -63,20 +67,22 @@ generation)
     step gen_fla 560 env FLA_FLASH_QLA=0 python3 bench/generate_throughput.py --configs fla_gdn_1.3b \
         --batches 1,16,64,256 --variants fused,loop --prefill 4096,32768 --iters 2 ;;
 generation2)
-    step gen_gdn 200 python3 bench/generate_throughput.py --configs gdn_1.3b --batches 1,16,64,256 \
-        --variants fused --prefill 4096,32768 --iters 2 --no-fla
-    step niah_walltime 150 python3 bench/niah_walltime.py --preset fla_gdn_1.3b \
+    # S-NIAH, both paths in one process (the on-device one compiles once per prompt length since
+    # da9d71b: predicted ~91 -> ~35 s the first time), then gdn_1.3b's rows still owed.
+    step niah_walltime 300 python3 bench/niah_walltime.py --preset fla_gdn_1.3b \
         --out "$out/niah_walltime.json"
+    step gen_gdn 250 python3 bench/generate_throughput.py --configs gdn_1.3b --batches 256 \
+        --variants fused --prefill 32768 --iters 2 --no-fla ;;
+cmdbuf)
     # B = 1 launches ~400 kernels per token: XLA's command buffers (CUDA graphs) for the whole
     # decode loop body, against the default, in two processes of this call.
     for cb in default "+WHILE,+CONDITIONAL"; do
         flags=""; [ "$cb" = default ] || flags="--xla_gpu_enable_command_buffer=$cb --xla_gpu_graph_min_graph_size=1"
-        step "gen_cmdbuf_${cb//[^A-Za-z]/}" 110 env XLA_FLAGS="$flags" python3 bench/generate_throughput.py \
+        step "gen_cmdbuf_${cb//[^A-Za-z]/}" 150 env XLA_FLAGS="$flags" python3 bench/generate_throughput.py \
             --configs fla_gdn_1.3b --batches 1,16 --variants fused --prefill 4096 --iters 3 --no-fla
     done ;;
 scale)
-    step longest_seq 330 python3 bench/longest_seq.py --timeout 100 --max_trials 3
-    step train_gdn_1p3b 200 python3 bench/train_throughput.py --config gdn_1.3b --steps 8 ;;
+    step longest_seq 540 python3 bench/longest_seq.py --timeout 100 --max_trials 4 ;;
 train_profile)
     # issue 13: where the fla_gdn_1.3b step's time goes, by model scope (forward and backward)
     step train_profile 400 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 4 \
