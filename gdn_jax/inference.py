@@ -44,11 +44,14 @@ def is_inference_copy(model) -> bool:
     return head[...].dtype == model.dtype
 
 
-def for_inference(model, *, dtype: str | None = None, fuse: bool = True):
+def for_inference(model, *, dtype=None, fuse: bool = True):
     """A copy of the LM `model` for prefill and decoding (see the module docstring); `model` is
     left unchanged, and the caller may drop it to free its float32 weights."""
     cfg = model.cfg
-    dtype = cfg.dtype if dtype is None else dtype
+    try:  # "bfloat16" and jnp.bfloat16 alike; the config names dtypes by string
+        dtype = cfg.dtype if dtype is None else jnp.dtype(dtype).name
+    except TypeError:
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}") from None
     if dtype == cfg.dtype:
         copy = nnx.merge(*nnx.split(model))
     else:  # the compute dtype is fixed in each layer when it is built

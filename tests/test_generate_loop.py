@@ -203,6 +203,18 @@ def test_default_inference_copy_is_bit_identical_to_the_training_model():
         np.testing.assert_array_equal(a, b)
 
 
+def test_inference_dtype_is_taken_by_name_or_as_a_jax_dtype_and_a_bad_one_is_named():
+    model = lm("tiny")
+    by_name, by_type = for_inference(model, dtype="bfloat16"), for_inference(model, dtype=jnp.bfloat16)
+    for a, b in zip(jax.tree.leaves(nnx.state(by_name)), jax.tree.leaves(nnx.state(by_type))):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    assert by_type.lm_head is None or by_type.lm_head[...].dtype == jnp.bfloat16
+    for bad in ("int8", "bfloat", object()):
+        with pytest.raises(ValueError, match="dtype"):
+            for_inference(model, dtype=bad)
+
+
 def test_loop_casts_no_weight_and_consumes_the_cache():
     """No float32 -> compute-dtype cast of a weight inside the loop (the training model has them,
     so the check can fail), and the donated cache is consumed rather than copied."""
