@@ -259,7 +259,7 @@ VARIANT_KEYS = {"bv": "block_v", "bvr": "residual_block_v", "bi": "inner_block_v
                 "w": "num_warps", "s": "num_stages",
                 "x": "sweep_warps", "y": "sweep_stages", "ms": "mosaic_stages", "p": "segments",
                 "wg": "mosaic_warpgroups", "rw": "reverse_warpgroups", "kr": "keep_residuals",
-                "mp": "mosaic_prepare", "ls": "loop_stages"}
+                "mp": "mosaic_prepare", "ls": "loop_stages", "so": "split_output"}
 
 
 # The backward's chunk-parallel kernels (gated_delta_rule.CHUNK_GRADS) by variant tag: the Triton pair
@@ -277,8 +277,9 @@ def parse_variants(text):
     the backward's Triton pair and key kernels (tkg), the Mosaic key-gradient kernel (mkg) or the
     fused Mosaic pair + key kernel (fkg); the
     chunk-parallel kernels' inner value tile (bi),
-    key tile (k), warps (w) and stages (s), and the gradient kernels' value-tile loop pipelined
-    (ls2, ls3; ls1 unrolled). Left out: the op's defaults."""
+    key tile (k), warps (w) and stages (s), the gradient kernels' value-tile loop pipelined
+    (ls2, ls3; ls1 unrolled), and the forward's output formed chunk-parallel from the residual
+    sweep's states, which the backward then reuses (so1, Triton). Left out: the op's defaults."""
     out = []
     for item in text.split(","):
         backend, _, knobs = item.partition("-")
@@ -331,7 +332,11 @@ def breakdown(shape, launch, iters):
         w_, u_, _ = timed("prepare W, U from T", lambda k, v, g, b, T: forward.prepare(
             k, v, g, b, (), t, mmd, T=T), k, v, g, beta, T_)
         sw = lambda mode, t: lambda *a: forward.sweep(*a, (), S0, t, mmd, mode=mode, out_dtype=v.dtype)
-        if t.keep_residuals:  # one sweep writes the output and the backward's residuals
+        if t.split_output:  # the residual sweep, then the output from its states (both kept)
+            _, s_in, vn = timed("sweep residuals (kept)", sw("residuals", t.residual_tiling), q, k, w_, u_, g)
+            timed("output from states", lambda q, k, g, s, vn: forward.output_from_states(
+                q, k, g, (), s, vn, t, mmd, out_dtype=v.dtype), q, k, g, s_in, vn)
+        elif t.keep_residuals:  # one sweep writes the output and the backward's residuals
             _, _, s_in, vn = timed("sweep output + residuals (kept)", sw("output_residuals", t),
                                    q, k, w_, u_, g)
         else:

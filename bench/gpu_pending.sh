@@ -38,9 +38,10 @@ case $part in
 five)
     # issue 10's last needed rows: FLA in the same process at the two shapes that lack one, each on
     # the path impl="pallas" picks there (Triton at K = 256, Mosaic at K = 128), checked first.
-    step five_k256 280 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 bench/bench_kernels.py \
-        --shapes h6k256v512 --iters 20 --rounds 2 --no-chunk --variants triton
-    step five_qwen 280 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 bench/bench_kernels.py \
+    # triton-so1 (split_output, written after run M): checked with gradients too (--check-all).
+    step five_k256 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 bench/bench_kernels.py \
+        --shapes h6k256v512 --iters 20 --rounds 2 --no-chunk --check-all --variants triton,triton-so1
+    step five_qwen 270 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 bench/bench_kernels.py \
         --shapes qwen3next --iters 20 --rounds 2 --no-chunk --variants mosaic ;;
 train)
     # issue 13: the training step after run M's gradient loops (-0.77 ms a layer at fla1.3b's

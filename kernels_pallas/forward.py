@@ -153,3 +153,35 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode:
         out_shape=out_shape, **t.sweep_launch, name=f"gdn_sweep_{mode}",
     )(q, k, w, u, g, *docs, initial_state)
     return tuple(outs) if len(outs) > 1 else outs[0]
+
+
+def output_from_states(q, k, g, docs, states_in, vnew, tiling: Tiling, mm_dtype, *, out_dtype):
+    """O = (scale d_in * Q) S_n + (scale Q K^T * Gamma) Vnew for all chunks at once, grid (N, B*HV),
+    value tiles in an inner loop: the output a "residuals" sweep leaves to form, from the states
+    entering each chunk S_n [B,N,HV,K,V] and Vnew [B,N,C,HV,V] it wrote (both mm_dtype, as the
+    fused sweep rounds them for these products). Returns o [B,N,C,HV,V] (true width) in out_dtype."""
+    t = tiling
+    BV = t.BVI
+
+    def kernel(*refs):
+        q_ref, k_ref, g_ref = refs[:3]
+        doc_refs = refs[3:3 + len(docs)]
+        s_ref, vn_ref, o_ref = refs[3 + len(docs):]
+        whole = (slice(None),)
+        dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
+        q_c = t.load_keys(q_ref, whole)
+        a_qk = mm(q_c, t.load_keys(k_ref, whole), tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
+        q_scale = (dec.d_in * t.scale)[:, None]
+        for j in range(t.V // BV):
+            vs = pl.ds(j * BV, BV)
+            o = q_scale * mm(q_c, s_ref[:, vs], dtype=mm_dtype) + mm(a_qk, vn_ref[:, vs], dtype=mm_dtype)
+            t.store_values(o_ref, whole, j * BV, BV, o)
+
+    return backend.call(
+        kernel, grid=t.chunk_grid,
+        in_specs=[t.qk_spec(), t.qk_spec(), t.gate_spec(), *[t.doc_spec()] * len(docs),
+                  t.state_spec(), t.head_spec(t.V)],
+        out_specs=t.value_spec(),
+        out_shape=jax.ShapeDtypeStruct((t.B, t.N, t.C, t.HV, t.value_width), out_dtype),
+        **t.chunk_launch, name="gdn_output_from_states",
+    )(q, k, g, *docs, states_in, vnew)

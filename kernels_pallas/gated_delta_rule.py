@@ -78,6 +78,11 @@ class _TritonSweeps:
                              out_dtype=out_dtype)
 
     @staticmethod
+    def output_from_states(x: Chunks, states_in, vnew, t, out_dtype):
+        return forward.output_from_states(x.q, x.k, x.g, x.docs, states_in, vnew, t,
+                                          _mm_dtype(x.q.dtype), out_dtype=out_dtype)
+
+    @staticmethod
     def reverse(x: Chunks, do, dS_final, t, mode):
         mm_dtype = _mm_dtype(x.q.dtype)
         local = backward.local_dvnew(x.q, x.k, x.g, x.docs, do, t, mm_dtype)
@@ -153,6 +158,10 @@ def _forward(q, k, v, g, beta, initial_state, docs, t: Tiling, keep=False):
     output sweep itself, so the backward skips its residual sweep; otherwise None."""
     sweeps = SWEEPS[t.sweeps]
     x = sweeps.prepare(Chunks(q, k, v, g, beta, docs, None), t)
+    if t.segments == 1 and t.split_output:  # the residuals exist anyway: kept whenever differentiated
+        S_final, states_in, vnew = sweeps.sweep(x, initial_state, t.residual_tiling, "residuals")
+        o = sweeps.output_from_states(x, states_in, vnew, t, v.dtype)
+        return (o, S_final), (x.T, None, (states_in, vnew, sweeps.kept_inputs(x)) if keep else None)
     if t.segments == 1:
         if keep:
             o, S_final, states_in, vnew = sweeps.sweep(x, initial_state, t, "output_residuals", v.dtype)
@@ -174,7 +183,7 @@ def _chunked(q, k, v, g, beta, initial_state, docs, t: Tiling):
 
 
 def _chunked_fwd(q, k, v, g, beta, initial_state, docs, t):
-    keep = t.keep_residuals and t.segments == 1
+    keep = (t.keep_residuals or t.split_output) and t.segments == 1
     out, (T, segments, kept) = _forward(q, k, v, g, beta, initial_state, docs, t, keep=keep)
     return out, (q, k, v, g, beta, initial_state, docs, T, segments, kept)
 
@@ -285,7 +294,7 @@ def two_sweep_stages_fit(*, C, K, BV, itemsize) -> bool:
 def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps="triton",
                 block_v=None, residual_block_v=None, inner_block_v=None, block_k=64, num_warps=4,
                 num_stages=1, sweep_warps=4, sweep_stages=None, mosaic_stages=None,
-                mosaic_warpgroups=None, reverse_warpgroups=None, key_grads=None, keep_residuals=False, mosaic_prepare=False, segments=None,
+                mosaic_warpgroups=None, reverse_warpgroups=None, key_grads=None, keep_residuals=False, split_output=False, mosaic_prepare=False, segments=None,
                 loop_stages=None, interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here: `padded_head_dims`), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
@@ -324,6 +333,8 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
         raise ValueError(f"loop_stages must be an integer >= 1, got {loop_stages!r}")
     if key_grads not in CHUNK_GRADS:
         raise ValueError(f"key_grads must be one of {tuple(CHUNK_GRADS)}, got {key_grads!r}")
+    if split_output and sweeps != "triton":
+        raise ValueError(f"split_output runs on the Triton sweeps only, got sweeps={sweeps!r}")
     Kp, Vp = padded_head_dims(K, V)
     N = T // chunk_size
     # Defaults measured on an H100 (docs/benchmarks.md, "Where the time goes").
@@ -367,7 +378,8 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                sweep_stages=sweep_stages, sweeps=sweeps, mosaic_stages=mosaic_stages,
                mosaic_warpgroups=mosaic_warpgroups, reverse_warpgroups=reverse_warpgroups,
                key_grads=key_grads,
-               keep_residuals=bool(keep_residuals), mosaic_prepare=bool(mosaic_prepare), segments=segments,
+               keep_residuals=bool(keep_residuals), split_output=bool(split_output),
+               mosaic_prepare=bool(mosaic_prepare), segments=segments,
                interpret=bool(interpret), BVR=residual_block_v, residual_stages=residual_stages,
                loop_stages=loop_stages, Kd=K if true_widths else Kp, Vd=V if true_widths else Vp)
     if sweeps == "mosaic":
@@ -410,6 +422,11 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         a helper group forming the dS-free products a chunk ahead, a memory group; default 1);
       key_grads: "triton" or "mosaic", the kernel that forms dq and dk after the Triton pair kernel,
         or "fused", one Mosaic kernel for both (CHUNK_GRADS);
+      split_output: with one segment on the Triton sweeps, the forward runs the residual sweep
+        (states entering each chunk and Vnew) and forms O in a chunk-parallel kernel
+        (`forward.output_from_states`) instead of inside the sweep; a differentiated call keeps
+        those residuals, so its backward has no residual sweep (the memory of keep_residuals;
+        default False until measured);
       mosaic_prepare: with the Mosaic sweeps, T = (I + A)^-1 on Mosaic too (mosaic_prepare.py;
         default False until measured);
       keep_residuals: with one segment, the forward of a differentiated call stores the states

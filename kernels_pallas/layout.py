@@ -54,6 +54,7 @@ class Tiling(NamedTuple):
     key_grads: str = "triton"   # the backward's chunk-parallel kernels (gated_delta_rule.CHUNK_GRADS)
     mosaic_prepare: bool = False  # Mosaic sweeps: T = (I + A)^-1 on Mosaic as well (mosaic_prepare.py)
     keep_residuals: bool = False  # one segment: the forward keeps states and Vnew for the backward
+    split_output: bool = False    # one segment, Triton: residual sweep + chunk-parallel output (kept)
     segments: int = 1           # context parallelism: sequence segments swept side by side
     interpret: bool = False     # run every kernel in Pallas interpret mode (CPU)
     BVR: int = 0                # value tile of the backward's residual sweep (0: BV)

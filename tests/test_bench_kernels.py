@@ -19,16 +19,19 @@ def test_variant_names_map_to_launch_parameters():
                                             "keep_residuals": 1}
     assert parsed["mosaic-fkg"] == {"sweeps": "mosaic", "key_grads": "fused"}
     assert parsed["triton"] == {"sweeps": "triton"}
+    assert dict(bench_kernels.parse_variants("triton-so1"))["triton-so1"] == {"sweeps": "triton", "split_output": 1}
     with pytest.raises(SystemExit):
         bench_kernels.parse_variants("triton-zz3")
 
 
 def test_breakdown_times_every_kernel_of_each_variant(capsys, tmp_path):
     bench_kernels.main(["--shapes", "tiny", "--iters", "1", "--no-fla", "--no-chunk", "--no-check",
-                        "--breakdown-only", "--variants", "triton,triton-kr1", "--out", str(tmp_path)])
+                        "--breakdown-only", "--variants", "triton,triton-kr1,triton-so1", "--out", str(tmp_path)])
     rows = {line.split(" breakdown ms: ")[0]: ast.literal_eval(line.split(" breakdown ms: ")[1])
             for line in capsys.readouterr().out.splitlines() if " breakdown ms: " in line}
-    assert set(rows) == {"tiny triton", "tiny triton-kr1"}
+    assert set(rows) == {"tiny triton", "tiny triton-kr1", "tiny triton-so1"}
+    assert {"sweep residuals (kept)", "output from states"} <= set(rows["tiny triton-so1"])
+    assert "sweep output" not in rows["tiny triton-so1"]
     assert {"sweep output", "sweep residuals", "reverse sweep", "key grads"} <= set(rows["tiny triton"])
     assert "sweep output + residuals (kept)" in rows["tiny triton-kr1"]
     assert "sweep residuals" not in rows["tiny triton-kr1"]

@@ -311,6 +311,39 @@ def test_triton_forward_keeping_residuals_gives_the_same_gradients():
     assert kernels[False].count("gdn_prepare") == 2 and "gdn_sweep_residuals" in kernels[False]
 
 
+def test_triton_split_output_forms_the_same_output_and_gradients():
+    """split_output: the forward's residual sweep writes the states and Vnew, a chunk-parallel kernel
+    forms O from them, and the backward reuses them: the float64 oracle's output, the scan
+    reference's gradients, and the fused sweep's to float32 rounding (GVA, documents, K = 100,
+    V = 80, an initial state); the backward runs no residual sweep and no second prepare."""
+    _, x = _rounded(random_op_inputs(36, B=1, T=150, H=1, HV=2, K=100, V=80, with_state=True,
+                                     num_docs=3), jnp.float32)
+    o, S = _run(x, "pallas_triton", split_output=True, segments=1)
+    o_fused, S_fused = _run(x, "pallas_triton", segments=1)
+    o_ref, S_ref = gated_delta_rule_oracle(**x)
+    assert rel_err(o, o_ref) < TOL[jnp.float32][0] and rel_err(S, S_ref) < TOL[jnp.float32][0]
+    assert rel_err(o, o_fused) < 1e-6 and rel_err(S, S_fused) < 1e-6
+    split = _grads(x, jnp.float32, "pallas_triton", 37, split_output=True, segments=1)
+    fused = _grads(x, jnp.float32, "pallas_triton", 37, segments=1)
+    _assert_grads_close(split, _grads(x, jnp.float32, "scan", 37), TOL[jnp.float32][1])
+    for name, a, b in zip((*OP_ARGS, "initial_state"), split, fused):
+        assert rel_err(a, b) < 1e-6, (name, rel_err(a, b))
+    args = [jnp.asarray(x[n]) for n in (*OP_ARGS, "initial_state")]
+    kernels = _kernel_names(args, split_output=True)
+    assert kernels.count("gdn_sweep_residuals") == 1 and "gdn_output_from_states" in kernels
+    assert "gdn_sweep_output" not in kernels and kernels.count("gdn_prepare") == 1
+    # Under context parallelism the segments' sweeps form O themselves; bf16 runs too.
+    o2, S2 = _run(x, "pallas_triton", split_output=True, segments=3)
+    assert rel_err(o2, o_ref) < TOL[jnp.float32][0] and rel_err(S2, S_ref) < TOL[jnp.float32][0]
+    xb, xr = _rounded(x, BF16)
+    ob, _ = _run(xb, "pallas_triton", split_output=True, segments=1)
+    assert rel_err(ob, _run(xb, "pallas_triton", segments=1)[0]) < 1e-2
+    from kernels_pallas.gated_delta_rule import make_tiling
+    with pytest.raises(ValueError, match="split_output"):
+        make_tiling(B=1, T=64, H=1, HV=1, K=64, V=64, chunk_size=64, scale=0.1, has_docs=False,
+                    dtype=BF16, sweeps="mosaic", split_output=True)
+
+
 def _kernel_names(args, **launch):
     """The Pallas kernels, in order, of the Triton op's forward and backward on these inputs."""
     def loss(q, k, v, g, beta, S0):
@@ -443,7 +476,8 @@ def _lower_mosaic_kernel(monkeypatch, mode, docs, K, V):
     assert "mosaic_gpu" in lowered.as_text()
 
 
-@pytest.mark.parametrize("segments, loop_stages, keep", [(1, 1, False), (2, 2, False), (1, 1, True)])
+@pytest.mark.parametrize("segments, loop_stages, keep", [(1, 1, False), (2, 2, False), (1, 1, True),
+                                                     (1, 3, "split")])
 def test_triton_kernels_lower_for_gpu_at_the_paper_head_dims(monkeypatch, segments, loop_stages, keep):
     """Forward and backward at K = 200, V = 400 (the paper's heads) with GVA and documents lower to
     Triton for a GPU: every kernel, with the masked loads and stores at the true head dims (Triton
@@ -465,17 +499,19 @@ def test_triton_kernels_lower_for_gpu_at_the_paper_head_dims(monkeypatch, segmen
     def loss(q, k, v, g, beta, S0):
         o, S = pallas_gated_delta_rule(q, k, v, g, beta, scale=0.1, initial_state=S0, reset=reset,
                                        chunk_size=64, sweeps="triton", interpret=False, segments=segments,
-                                       loop_stages=loop_stages, keep_residuals=keep)
+                                       loop_stages=loop_stages, keep_residuals=keep is True,
+                                       split_output=keep == "split")
         return o.astype(jnp.float32).sum() + S.sum()
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))  # the value keeps the forward
     text = grad.trace(q, q, v, g, g, S0).lower(lowering_platforms=("cuda",)).as_text()
     kernels = ["gdn_prepare", "gdn_local_dvnew", "gdn_reverse_sweep_full", "gdn_pair_grads", "gdn_key_grads"]
-    kernels += ["gdn_sweep_output_residuals"] if keep else ["gdn_sweep_output", "gdn_sweep_residuals"]
+    kernels += {True: ["gdn_sweep_output_residuals"], "split": ["gdn_sweep_residuals", "gdn_output_from_states"],
+                False: ["gdn_sweep_output", "gdn_sweep_residuals"]}[keep]
     if segments > 1:
         kernels += ["gdn_sweep_final", "gdn_reverse_sweep_final"]
     assert all(name in text for name in kernels), [name for name in kernels if name not in text]
-    if keep:  # the backward sweeps once, not twice
+    if keep is True:  # the backward sweeps once, not twice (split: counted in its own test)
         assert "gdn_sweep_residuals" not in text
 
 
