@@ -76,11 +76,16 @@ generation2)
         --variants fused --prefill 32768 --iters 2 --no-fla ;;
 cmdbuf)
     # B = 1 launches ~400 kernels per token: XLA's command buffers (CUDA graphs) for the whole
-    # decode loop body, against the default, in two processes of this call.
+    # decode loop body, against the default, in two processes of this call; the default one is
+    # profiled (GPU ops per token and where their time goes). Since 2.367 ms/token at B = 1 (run of
+    # 2026-12-03), the conv steps are multiply-sums instead of batched dots: predicted -0.1 to -0.3 ms
+    # if XLA had launched them as 63 GEMMs a token, nothing if it had already rewritten them.
     for cb in default "+WHILE,+CONDITIONAL"; do
-        flags=""; [ "$cb" = default ] || flags="--xla_gpu_enable_command_buffer=$cb --xla_gpu_graph_min_graph_size=1"
-        step "gen_cmdbuf_${cb//[^A-Za-z]/}" 150 env XLA_FLAGS="$flags" python3 bench/generate_throughput.py \
-            --configs fla_gdn_1.3b --batches 1,16 --variants fused --prefill 4096 --iters 3 --no-fla
+        flags="" prof=""
+        if [ "$cb" = default ]; then prof="--profile /tmp/prof_decode"
+        else flags="--xla_gpu_enable_command_buffer=$cb --xla_gpu_graph_min_graph_size=1"; fi
+        step "gen_cmdbuf_${cb//[^A-Za-z]/}" 170 env XLA_FLAGS="$flags" python3 bench/generate_throughput.py \
+            --configs fla_gdn_1.3b --batches 1,16 --variants fused --prefill 4096 --iters 3 --no-fla $prof
     done ;;
 scale)
     step longest_seq 540 python3 bench/longest_seq.py --timeout 100 --max_trials 4 ;;

@@ -57,16 +57,27 @@ def _gpu_planes(trace_dir: str):
     return [p for p in ProfileData.from_file(paths[-1]).planes if p.name.startswith("/device:GPU")]
 
 
-def op_times(trace_dir: str) -> dict[str, float]:
-    """Total device milliseconds per op name over the whole trace (empty if no GPU plane)."""
-    totals = collections.Counter()
+def _op_events(trace_dir: str):
+    """Every GPU op event of the trace (the "XLA Ops" lines, else the streams')."""
     for plane in _gpu_planes(trace_dir):
         lines = list(plane.lines)
         ops = [l for l in lines if l.name == "XLA Ops"] or [l for l in lines if l.name.startswith("Stream")]
         for line in ops:
-            for ev in line.events:
-                totals[ev.name] += ev.duration_ns / 1e6
+            yield from line.events
+
+
+def op_times(trace_dir: str) -> dict[str, float]:
+    """Total device milliseconds per op name over the whole trace (empty if no GPU plane)."""
+    totals = collections.Counter()
+    for ev in _op_events(trace_dir):
+        totals[ev.name] += ev.duration_ns / 1e6
     return dict(totals)
+
+
+def op_count(trace_dir: str) -> int:
+    """How many GPU ops ran in the trace: at small batches each is a launch whose fixed cost, not
+    its bytes, can hold the step (decoding at B = 1)."""
+    return sum(1 for _ in _op_events(trace_dir))
 
 
 def _union(intervals):
@@ -171,7 +182,8 @@ def summarize(trace_dir: str, steps: int, top: int = 12, step_ms: float | None =
     groups = collections.Counter()
     for name, ms in ops.items():
         groups[group_of(name)] += ms
-    lines = [f"profile: {total / steps:.1f} ms of GPU op time per step ({steps} steps traced)"]
+    lines = [f"profile: {total / steps:.1f} ms of GPU op time per step ({steps} steps traced), "
+             f"{op_count(trace_dir) / steps:.0f} GPU ops per step"]
     for g, ms in groups.most_common():
         lines.append(f"  {g:<52}{ms / steps:9.2f} ms  {100 * ms / total:5.1f} %")
     lines.append(f"  top {top} ops:")

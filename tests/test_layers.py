@@ -129,6 +129,9 @@ def test_short_conv_matches_reference_and_step():
     for t in range(2, 9):
         y_t, c = conv.step(x[:, t], c)
         np.testing.assert_allclose(y_t, ref[:, t], rtol=1e-5, atol=1e-6)
+    # The step is elementwise work (it fuses on a GPU), not a batched dot over the channels.
+    step_eqns = jax.make_jaxpr(conv.step)(x[:, 0], c).jaxpr.eqns
+    assert not [e for e in step_eqns if e.primitive.name == "dot_general"]
 
 
 def test_norms_match_reference():

@@ -90,3 +90,15 @@ def test_scope_table_places_a_real_train_steps_ops_in_the_model():
         rows[" ".join(scope)] = (float(mm), float(other), float(share))
     assert rows == {"mlp (bwd)": (0.0, 3.0, 60.0), "GatedDeltaNet/in_proj": (1.5, 0.0, 30.0),
                     "(not in the HLO)": (0.0, 0.5, 10.0)}
+
+
+def test_op_times_and_count_read_the_xla_ops_line(monkeypatch):
+    ev = lambda name, dur: NS(name=name, start_ns=0, duration_ns=dur)
+    plane = NS(name="/device:GPU:0", lines=[
+        NS(name="XLA Ops", events=[ev("fusion.1", 2e6), ev("gemm", 1e6), ev("fusion.1", 3e6)]),
+        NS(name="Stream #13(Compute)", events=[ev("loop_fusion", 4e6)]),  # the same work, not counted
+    ])
+    monkeypatch.setattr(profile_summary, "_gpu_planes", lambda trace_dir: [plane])
+    assert profile_summary.op_times("unused") == {"fusion.1": 5.0, "gemm": 1.0}
+    assert profile_summary.op_count("unused") == 3
+    assert "3 GPU ops per step" in profile_summary.summarize("unused", steps=1)

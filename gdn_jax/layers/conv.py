@@ -77,5 +77,8 @@ class ShortConv(nnx.Module):
     def step(self, x_BxC: jax.Array, cache_BxWm1xC: jax.Array):
         """One token: returns (y [B, C], new cache [B, W-1, C])."""
         xp = jnp.concatenate([cache_BxWm1xC.astype(x_BxC.dtype), x_BxC[:, None]], axis=1)
-        y = jnp.einsum("bwc,wc->bc", xp.astype(jnp.float32), self.weight[...])
+        # Multiply and sum, not a dot: as an einsum it was a batched dot over the channels with a
+        # W-long contraction (a GEMM launch of its own per conv per token on a GPU, and TF32 for
+        # float32), where this fuses with the activation like the parallel path's shifted sums.
+        y = jnp.sum(xp.astype(jnp.float32) * self.weight[...], axis=1)
         return self._finish(y, x_BxC.dtype), xp[:, 1:]
