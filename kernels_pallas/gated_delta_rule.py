@@ -155,7 +155,8 @@ def document_masks(reset_BxT, N, C):
 def _forward(q, k, v, g, beta, initial_state, docs, t: Tiling, keep=False):
     """((o, final state), (T, segments' join, kept)); with keep (the forward of a differentiated
     call, one segment) kept = (states entering each chunk, Vnew, the sweeps' `kept_inputs`) from the
-    output sweep itself, so the backward skips its residual sweep; otherwise None."""
+    output sweep itself, or with t.split_output from the residual sweep that then feeds the
+    chunk-parallel output kernel, so the backward skips its residual sweep; otherwise None."""
     sweeps = SWEEPS[t.sweeps]
     x = sweeps.prepare(Chunks(q, k, v, g, beta, docs, None), t)
     if t.segments == 1 and t.split_output:  # the residuals exist anyway: kept whenever differentiated
@@ -294,8 +295,9 @@ def two_sweep_stages_fit(*, C, K, BV, itemsize) -> bool:
 def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps="triton",
                 block_v=None, residual_block_v=None, inner_block_v=None, block_k=64, num_warps=4,
                 num_stages=1, sweep_warps=4, sweep_stages=None, mosaic_stages=None,
-                mosaic_warpgroups=None, reverse_warpgroups=None, key_grads=None, keep_residuals=False, split_output=False, mosaic_prepare=False, segments=None,
-                loop_stages=None, interpret=None) -> Tiling:
+                mosaic_warpgroups=None, reverse_warpgroups=None, key_grads=None, keep_residuals=False,
+                split_output=False, mosaic_prepare=False, segments=None, loop_stages=None,
+                interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here: `padded_head_dims`), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
     if sweeps not in SWEEPS:
