@@ -11,14 +11,15 @@
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1
 #   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope
-#   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA
+#   bash bench/gpu_pending.sh lm_eval_a    # issue 16, first of two calls: lm-eval's pyarrow (carry .lmw_a)
+#   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA (carry .whl, .lmw_b)
 #   bash bench/gpu_pending.sh generation   # issue 11: fla_gdn_1.3b with FLA in the same run (done: run of 2026-12-03)
 #   bash bench/gpu_pending.sh kernels      # issue 10: the new Mosaic defaults against the old, K = 128 shapes
 #   bash bench/gpu_pending.sh breakdown    # issue 10: per-kernel times of every Mosaic variant
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA, FLA, new and old Mosaic defaults, K = 128
 #   bash bench/gpu_pending.sh flashqla_h16 # issue 10: the short form (h16k128, new defaults only)
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh five|train|cmdbuf|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval|flashqla|flashqla_h16"}
+part=${1:?"usage: bash bench/gpu_pending.sh five|train|cmdbuf|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -93,7 +94,15 @@ train_profile)
     # issue 13: where the fla_gdn_1.3b step's time goes, by model scope (forward and backward)
     step train_profile 400 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 4 \
         --profile /tmp/prof ;;
+lm_eval_a)
+    # lm-eval's wheels travel in two calls on one warm machine (bench/lm_eval_wheels.sh): this one
+    # carries .lmw_a (pyarrow) into .site_lm, which stays there for the next call.
+    step lm_eval_wheels_a 120 bash bench/lm_eval_wheels.sh install .lmw_a ;;
 lm_eval)
+    # Right after lm_eval_a, carrying .whl and .lmw_b.
+    step lm_eval_wheels_b 120 bash bench/lm_eval_wheels.sh install .lmw_b
+    export PYTHONPATH=$PYTHONPATH:$PWD/.site_lm
+    step lm_eval_import 60 python3 -c "import lm_eval.evaluator, lm_eval.models.huggingface, gdn_jax.lm_eval; print('lm-eval', lm_eval.__version__, 'imports')"
     step train_tiny 120 python3 train.py --workdir /tmp/runs/tiny --steps 300
     step lm_eval 420 env FLA_FLASH_QLA=0 python3 bench/lm_eval_check.py --workdir /tmp/runs/tiny \
         --hf --out "$out/lm_eval_check.json" ;;
