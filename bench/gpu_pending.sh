@@ -5,6 +5,7 @@
 # is printed at the end. Every step has its own timeout, so one that hangs cannot take the call.
 #
 #   bash bench/gpu_pending.sh five         # issue 10: FLA in the same process at h6k256v512 and qwen3next
+#   bash bench/gpu_pending.sh split        # issue 10: split_output against the default at fla1.3b and paper1.3b
 #   bash bench/gpu_pending.sh train        # issue 13: fla_gdn_1.3b and gdn_1.3b steps after run M's kernels
 #   bash bench/gpu_pending.sh generation2  # issue 11: S-NIAH before/after in one call, gdn_1.3b B = 256, 32K
 #   bash bench/gpu_pending.sh cmdbuf       # issue 11: CUDA graphs for the decode loop at B = 1, 16
@@ -19,7 +20,7 @@
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA, FLA, new and old Mosaic defaults, K = 128
 #   bash bench/gpu_pending.sh flashqla_h16 # issue 10: the short form (h16k128, new defaults only)
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh five|train|cmdbuf|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
+part=${1:?"usage: bash bench/gpu_pending.sh five|split|train|cmdbuf|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -44,6 +45,17 @@ five)
         --shapes h6k256v512 --iters 20 --rounds 2 --no-chunk --check-all --variants triton,triton-so1
     step five_qwen 270 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 bench/bench_kernels.py \
         --shapes qwen3next --iters 20 --rounds 2 --no-chunk --variants mosaic ;;
+split)
+    # split_output at the two training-relevant K > 128 layers beside the default, each checked
+    # with gradients; the breakdown shows the residual sweep and the output kernel apart. Prediction
+    # (docs/benchmarks.md): forward+backward -0.5 ms at fla1.3b; the forward alone gains at the
+    # paper layer only (its output sweep, 14 tiles of 32 columns, took ~1.0 ms against the
+    # residual sweep's 0.63 at 64).
+    step split_time 330 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes fla1.3b,paper1.3b --iters 20 --rounds 2 --no-chunk --no-fla --check-all \
+        --variants triton,triton-so1
+    step split_breakdown 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/bench_kernels.py \
+        --shapes fla1.3b --iters 20 --no-chunk --no-fla --no-check --breakdown-only --variants triton-so1 ;;
 train)
     # issue 13: the training step after run M's gradient loops (-0.77 ms a layer at fla1.3b's
     # shape, 21 layers: predicted 369.6 -> ~355 ms, 37.3% -> ~38.8% MFU), then the paper layout.
