@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas import backend
 from kernels_pallas.backend import mm
-from kernels_pallas.chunk_math import chunk_decays, gate_grad_from_pairs
+from kernels_pallas.chunk_math import chunk_decays, decayed_qk, gate_grad_from_pairs
 from kernels_pallas.forward import load_docs
 from kernels_pallas.layout import Tiling, traced_zero
 
@@ -42,8 +42,7 @@ def local_dvnew(q, k, g, docs, do, tiling: Tiling, mm_dtype):
         do_ref, out_ref = refs[3 + len(docs):]
         dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
         whole = (slice(None),)
-        qk = mm(t.load_keys(q_ref, whole), t.load_keys(k_ref, whole), tb=True,
-                dtype=mm_dtype) * (dec.gamma * t.scale)
+        qk = decayed_qk(t.load_keys(q_ref, whole), t.load_keys(k_ref, whole), dec, t.scale, mm_dtype)
         for j in range(V // BV):
             do_c = t.load_values(do_ref, whole, j * BV, BV)
             out_ref[:, pl.ds(j * BV, BV)] = mm(qk, do_c, ta=True, dtype=mm_dtype).astype(out_ref.dtype)

@@ -60,6 +60,17 @@ def chunk_decays(g, doc=None, reach_in=None, reach_out=None) -> Decays:
     return Decays(G, gamma, strict, d_in, d_out, d_chunk, is_last)
 
 
+def decayed_qk(q_c, k_c, dec: "Decays", scale, mm_dtype):
+    """A_qk = scale Q K^T * Gamma [C, C] (float32) of one chunk: its in-chunk attention."""
+    return mm(q_c, k_c, tb=True, dtype=mm_dtype) * (dec.gamma * scale)
+
+
+def chunk_output(q_c, a_qk, S, vnew, dec: "Decays", scale, mm_dtype):
+    """O = scale d_in Q S + A_qk Vnew [C, BV] of one chunk and value tile, from the state entering
+    it S [K, BV] and Vnew [C, BV] (both rounded to mm_dtype as matmul operands)."""
+    return (dec.d_in * scale)[:, None] * mm(q_c, S, dtype=mm_dtype) + mm(a_qk, vnew, dtype=mm_dtype)
+
+
 def unit_lower_inverse(A, *, mm_precise: bool):
     """(I + A)^-1 of one chunk (see gdn_jax.triangular); mm_precise: IEEE float32 products in its
     matmul steps, otherwise TF32, which matches bf16 inputs."""

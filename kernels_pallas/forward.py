@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas import backend
 from kernels_pallas.backend import mm
-from kernels_pallas.chunk_math import chunk_decays, unit_lower_inverse
+from kernels_pallas.chunk_math import chunk_decays, chunk_output, decayed_qk, unit_lower_inverse
 from kernels_pallas.layout import Tiling, traced_zero
 
 
@@ -131,9 +131,8 @@ def sweep(q, k, w, u, g, docs, initial_state, tiling: Tiling, mm_dtype, *, mode:
                 # A_qk is formed per value tile: at K = 256 neither a [C, C] tile from prepare
                 # (shared memory) nor folding it into prepare (time) paid (docs/benchmarks.md, run L)
                 q_c = t.load_keys(q_ref, (b, n, slice(None), h), k0)
-                a_qk = mm(q_c, k_c, tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
-                o = ((dec.d_in * t.scale)[:, None] * mm(q_c, S, dtype=mm_dtype)
-                     + mm(a_qk, vnew, dtype=mm_dtype))
+                a_qk = decayed_qk(q_c, k_c, dec, t.scale, mm_dtype)
+                o = chunk_output(q_c, a_qk, S, vnew, dec, t.scale, mm_dtype)
                 t.store_values(o_ref, (b, n, slice(None), hv), v0, BV, o)
             return dec.d_chunk * S + mm(k_c, vnew * dec.d_out[:, None], ta=True, dtype=mm_dtype)
 
@@ -170,11 +169,10 @@ def output_from_states(q, k, g, docs, states_in, vnew, tiling: Tiling, mm_dtype,
         whole = (slice(None),)
         dec = chunk_decays(g_ref[...], *load_docs(doc_refs))
         q_c = t.load_keys(q_ref, whole)
-        a_qk = mm(q_c, t.load_keys(k_ref, whole), tb=True, dtype=mm_dtype) * (dec.gamma * t.scale)
-        q_scale = (dec.d_in * t.scale)[:, None]
+        a_qk = decayed_qk(q_c, t.load_keys(k_ref, whole), dec, t.scale, mm_dtype)
         for j in range(t.V // BV):
             vs = pl.ds(j * BV, BV)
-            o = q_scale * mm(q_c, s_ref[:, vs], dtype=mm_dtype) + mm(a_qk, vn_ref[:, vs], dtype=mm_dtype)
+            o = chunk_output(q_c, a_qk, s_ref[:, vs], vn_ref[:, vs], dec, t.scale, mm_dtype)
             t.store_values(o_ref, whole, j * BV, BV, o)
 
     return backend.call(

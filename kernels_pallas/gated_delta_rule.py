@@ -323,16 +323,6 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
     for name, value in (("mosaic_warpgroups", mosaic_warpgroups), ("reverse_warpgroups", reverse_warpgroups)):
         if value not in (1, 2):
             raise ValueError(f"{name} must be 1 or 2, got {value!r}")
-    if loop_stages is None:
-        # H200, 2026-12-03 run M (docs/benchmarks.md): the Triton gradient kernels' value-tile loop
-        # pipelined three deep took fla_gdn_1.3b's layer (K = 256) from 3.319 to 2.548 ms
-        # forward+backward and the paper's (K = 200) from 4.522 to 3.476 (FLA: 3.244 and 4.431);
-        # two deep gave 2.669 and 3.609. Measured with bf16 inputs only: float32 tiles are twice
-        # the shared memory, so they keep the unrolled loop.
-        loop_stages = 3 if sweeps == "triton" and padded_head_dims(K, V)[0] > 128 \
-            and _mm_dtype(dtype).itemsize == 2 else 1
-    if not isinstance(loop_stages, int) or loop_stages < 1:
-        raise ValueError(f"loop_stages must be an integer >= 1, got {loop_stages!r}")
     if key_grads not in CHUNK_GRADS:
         raise ValueError(f"key_grads must be one of {tuple(CHUNK_GRADS)}, got {key_grads!r}")
     if split_output and sweeps != "triton":
@@ -352,6 +342,15 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
         residual_block_v = 64 if sweeps == "triton" and Kp > 128 else block_v
     residual_block_v = min(residual_block_v, Vp)
     itemsize = _mm_dtype(dtype).itemsize
+    if loop_stages is None:
+        # H200, 2026-12-03 run M (docs/benchmarks.md): the Triton gradient kernels' value-tile loop
+        # pipelined three deep took fla_gdn_1.3b's layer (K = 256) from 3.319 to 2.548 ms
+        # forward+backward and the paper's (K = 200) from 4.522 to 3.476 (FLA: 3.244 and 4.431);
+        # two deep gave 2.669 and 3.609. Measured with bf16 inputs only: float32 tiles are twice
+        # the shared memory, so they keep the unrolled loop.
+        loop_stages = 3 if sweeps == "triton" and Kp > 128 and itemsize == 2 else 1
+    if not isinstance(loop_stages, int) or loop_stages < 1:
+        raise ValueError(f"loop_stages must be an integer >= 1, got {loop_stages!r}")
 
     def stages_for(bv):  # given, or two where they fit shared memory
         if sweep_stages is not None:

@@ -335,7 +335,7 @@ def test_triton_split_output_forms_the_same_output_and_gradients():
     # Under context parallelism the segments' sweeps form O themselves; bf16 runs too.
     o2, S2 = _run(x, "pallas_triton", split_output=True, segments=3)
     assert rel_err(o2, o_ref) < TOL[jnp.float32][0] and rel_err(S2, S_ref) < TOL[jnp.float32][0]
-    xb, xr = _rounded(x, BF16)
+    xb, _ = _rounded(x, BF16)
     ob, _ = _run(xb, "pallas_triton", split_output=True, segments=1)
     assert rel_err(ob, _run(xb, "pallas_triton", segments=1)[0]) < 1e-2
     from kernels_pallas.gated_delta_rule import make_tiling
