@@ -330,8 +330,8 @@ def main(argv=None):
         bases = {split_variant(v)[0] for v in args.variants}
         models = {"fused": for_inference(raw, dtype=args.dtype)}  # the default copy: fused
         models["stream"] = models["fused"]
-        if "loop" in bases:
-            models["loop"] = for_inference(raw, dtype=args.dtype, fuse=False)
+        # the unfused copy always: the floor's bytes and the prefill rows are taken from it
+        models["loop"] = for_inference(raw, dtype=args.dtype, fuse=False)
         if "python" in bases:
             models["python"] = raw
         del raw

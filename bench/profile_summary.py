@@ -74,6 +74,16 @@ def op_times(trace_dir: str) -> dict[str, float]:
     return dict(totals)
 
 
+def op_times_by_hlo_op(trace_dir: str) -> dict[str, float]:
+    """Total device milliseconds per HLO instruction: a kernel event's "hlo_op" stat names the
+    instruction that launched it (a cuBLAS kernel's name is nvjet_..., a fusion's kernel name has
+    "_" where the instruction has "."), so this is what leads an op to its named scope."""
+    totals = collections.Counter()
+    for ev in _op_events(trace_dir):
+        totals[dict(getattr(ev, "stats", ())).get("hlo_op", ev.name)] += ev.duration_ns / 1e6
+    return dict(totals)
+
+
 def op_count(trace_dir: str) -> int:
     """How many GPU ops ran in the trace: at small batches each is a launch whose fixed cost, not
     its bytes, can hold the step (decoding at B = 1)."""
@@ -190,7 +200,7 @@ def summarize(trace_dir: str, steps: int, top: int = 12, step_ms: float | None =
     for name, ms in collections.Counter(ops).most_common(top):
         lines.append(f"    {name[:60]:<60}{ms / steps:9.2f} ms  {100 * ms / total:5.1f} %")
     if hlo_text is not None:
-        lines.append(scope_table(ops, hlo_op_names(hlo_text), steps))
+        lines.append(scope_table(op_times_by_hlo_op(trace_dir), hlo_op_names(hlo_text), steps))
     comm = communication_times(_gpu_planes(trace_dir))
     if comm:
         kernel = sum(c for c, _ in comm) / len(comm) / steps

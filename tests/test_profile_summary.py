@@ -102,3 +102,30 @@ def test_op_times_and_count_read_the_xla_ops_line(monkeypatch):
     assert profile_summary.op_times("unused") == {"fusion.1": 5.0, "gemm": 1.0}
     assert profile_summary.op_count("unused") == 3
     assert "3 GPU ops per step" in profile_summary.summarize("unused", steps=1)
+
+
+def test_scopes_follow_the_kernels_hlo_op_stat(monkeypatch):
+    """Kernel events are named by their kernels (a cuBLAS nvjet_..., a fusion's name with "_" for
+    "."); their "hlo_op" stat names the instruction, which is what the HLO text's metadata maps."""
+    ev = lambda name, dur, hlo: NS(name=name, start_ns=0, duration_ns=dur, stats=[("hlo_op", hlo)])
+    plane = NS(name="/device:GPU:0", lines=[NS(name="Stream #13(Compute)", events=[
+        ev("nvjet_sm90_tst_128x128", 4e6, "custom-call.3"),
+        ev("loop_add_fusion_21", 1e6, "loop_add_fusion.21"),
+        NS(name="no_stats_kernel", start_ns=0, duration_ns=5e6),
+    ])])
+    monkeypatch.setattr(profile_summary, "_gpu_planes", lambda trace_dir: [plane])
+    assert profile_summary.op_times_by_hlo_op("unused") == {
+        "custom-call.3": 4.0, "loop_add_fusion.21": 1.0, "no_stats_kernel": 5.0}
+    text = ('  %custom-call.3 = bf16[8,8]{1,0} custom-call(%a, %b), custom_call_target="__cublas$lt'
+            '$matmul", metadata={op_name="jit(step)/transpose(jvp(block))/mlp/dot_general"}\n'
+            '  %loop_add_fusion.21 = f32[8]{0} fusion(%c), kind=kLoop, calls=%fused_add, '
+            'metadata={op_name="jit(step)/jvp(block)/norm/add"}\n')
+    table = profile_summary.summarize("unused", steps=1, hlo_text=text)
+    rows = {}
+    for line in table.split("by scope")[1].splitlines()[1:]:
+        if line.startswith("communication"):
+            break
+        *scope, mm, other, share, _ = line.split()
+        rows[" ".join(scope)] = (float(mm), float(other), float(share))
+    assert rows == {"(not in the HLO)": (0.0, 5.0, 50.0), "block/mlp (bwd)": (4.0, 0.0, 40.0),
+                    "block/norm": (0.0, 1.0, 10.0)}
