@@ -427,7 +427,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         (states entering each chunk and Vnew) and forms O in a chunk-parallel kernel
         (`forward.output_from_states`) instead of inside the sweep; a differentiated call keeps
         those residuals, so its backward has no residual sweep (the memory of keep_residuals;
-        default False until measured);
+        default False: -0.13 ms forward+backward at fla_gdn_1.3b's layer for ~0.5 GB more held,
+        docs/benchmarks.md run N);
       mosaic_prepare: with the Mosaic sweeps, T = (I + A)^-1 on Mosaic too (mosaic_prepare.py;
         default False until measured);
       keep_residuals: with one segment, the forward of a differentiated call stores the states
