@@ -12,6 +12,8 @@ Decode rows (B in --batches, prompt --prompt tokens, --new new tokens), one per 
   fused   the same with fused projections (for_inference's default, so what generate() and eval
           run): one matmul per group of projections.
   stream  fused with a no-op streaming callback on every token (the callback's cost).
+  pdec    fused with each GDN layer's recurrence in the Pallas decode kernel
+          (for_inference(decode_impl="pallas"), kernels_pallas/decode.py) instead of XLA's.
   python  before issue 11: float32 parameters, one jitted decode_step dispatched from Python per token.
   A suffix -sK (loop-s8, fused-s8) tests the stop condition every K steps instead of every step
   (generate(check_every=K): on a GPU each test is a device-to-host read of the loop predicate).
@@ -30,8 +32,8 @@ FLA (when torch and fla import, on a GPU): GatedDeltaNetForCausalLM on the same 
   weights in bf16, timed in the same run: generate(use_cache=True, greedy), ms/token =
   (t(N new) - t(1 new)) / (N - 1); prefill = forward(use_cache=True, logits_to_keep=1).
   "FLA/ours" above 1 means ours is faster.
---profile DIR traces one token loop per (config, B) of the first variant and prints device time
-per op group and token (bench/profile_summary.py).
+--profile DIR traces one token loop per (config, variant, B) and prints device time per op group and
+token (bench/profile_summary.py).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--configs", default="fla_gdn_1.3b,gdn_1.3b", help="model presets, comma list")
     p.add_argument("--variants", default="loop,loop-s8,fused,fused-s8,stream,python",
-                   help="comma list of loop, fused, stream, python; -sK suffix: check_every=K")
+                   help="comma list of loop, fused, stream, pdec, python; -sK suffix: check_every=K")
     p.add_argument("--batches", default="1,16,64,256", help="decode batch sizes")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens of the decode rows")
     p.add_argument("--new", type=int, default=128, help="new tokens per decode row")
@@ -69,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--bandwidth", type=float, default=None,
                    help="bytes/s for the floor (default: measured here)")
     p.add_argument("--no-fla", dest="fla", action="store_false", help="skip FLA's model")
-    p.add_argument("--profile", default=None, metavar="DIR", help="trace the decode loops into DIR")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="trace each variant's decode loop into DIR and print its summary")
     p.add_argument("--jax_cache", default=None, metavar="DIR",
                    help="persistent compilation cache (saves compile time across runs)")
     p.add_argument("--smoke", action="store_true",
@@ -80,7 +83,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.configs = [c for c in args.configs.split(",") if c]
     args.variants = [v for v in args.variants.split(",") if v]
-    bad = [v for v in args.variants if split_variant(v)[0] not in ("loop", "fused", "stream", "python")
+    bad = [v for v in args.variants if split_variant(v)[0] not in ("loop", "fused", "stream", "pdec", "python")
            or (split_variant(v)[0] == "python" and split_variant(v)[1] != 1)]
     if bad:
         p.error(f"unknown variants {bad}")
@@ -332,6 +335,8 @@ def main(argv=None):
         models["stream"] = models["fused"]
         # the unfused copy always: the floor's bytes and the prefill rows are taken from it
         models["loop"] = for_inference(raw, dtype=args.dtype, fuse=False)
+        if "pdec" in bases:
+            models["pdec"] = for_inference(raw, dtype=args.dtype, decode_impl="pallas")
         if "python" in bases:
             models["python"] = raw
         del raw
@@ -344,9 +349,7 @@ def main(argv=None):
             fla_s = fla_seconds(fla, "decode", B, args.prompt, args.new, args.iters)
             floor_ms = 1e3 * floor_bytes(models["loop"], tokens, args.new) / bw
             for v in args.variants:
-                prof = None
-                if args.profile and v == args.variants[0]:
-                    prof = os.path.join(args.profile, f"{name}_B{B}")
+                prof = None if not args.profile else os.path.join(args.profile, f"{name}_{v}_B{B}")
                 s, gen = Ours(models[split_variant(v)[0]], v).decode(tokens, args.new, args.iters,
                                                                      prof)
                 row = dict(config=name, variant=v, B=B, ms=1e3 * s, tok_s=B / s,

@@ -9,6 +9,7 @@
 #   bash bench/gpu_pending.sh train        # issue 13: fla_gdn_1.3b and gdn_1.3b steps after run M's kernels
 #   bash bench/gpu_pending.sh generation2  # issue 11: S-NIAH before/after in one call, gdn_1.3b B = 256, 32K
 #   bash bench/gpu_pending.sh cmdbuf       # issue 11: CUDA graphs for the decode loop at B = 1, 16
+#   bash bench/gpu_pending.sh decode       # issue 11: the Pallas decode step against XLA's, alone and in generate()
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1
 #   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope
@@ -20,7 +21,7 @@
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA, FLA, new and old Mosaic defaults, K = 128
 #   bash bench/gpu_pending.sh flashqla_h16 # issue 10: the short form (h16k128, new defaults only)
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh five|split|train|cmdbuf|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
+part=${1:?"usage: bash bench/gpu_pending.sh five|split|train|cmdbuf|decode|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -100,6 +101,13 @@ cmdbuf)
         step "gen_cmdbuf_${cb//[^A-Za-z]/}" 170 env XLA_FLAGS="$flags" python3 bench/generate_throughput.py \
             --configs fla_gdn_1.3b --batches 1,16 --variants fused --prefill 4096 --iters 3 --no-fla $prof
     done ;;
+decode)
+    # The recurrence alone (checked against XLA's step, then 21 layers timed), then whole tokens:
+    # fused (XLA's recurrence) against pdec (the Pallas kernel) in one process, profiled. Prediction
+    # (docs/benchmarks.md): -0.3 to -0.4 ms a token at B = 1 (2.151), about -30% at B = 256 (15.7 ms).
+    step decode_step 200 python3 bench/bench_decode_step.py --iters 20
+    step decode_gen 330 python3 bench/generate_throughput.py --configs fla_gdn_1.3b --batches 1,16,64,256 \
+        --variants fused,pdec --prefill "" --iters 3 --no-fla --profile /tmp/prof_pdec ;;
 scale)
     step longest_seq 540 python3 bench/longest_seq.py --timeout 100 --max_trials 4 ;;
 train_profile)

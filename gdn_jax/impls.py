@@ -102,3 +102,31 @@ def resolve(impl: str, *, dtype, K: int, V: int, chunk_size: int) -> str:
     if reason is not None:
         raise ValueError(f"impl={impl!r} cannot run this call: {reason}")
     return impl
+
+
+# ---- one decoding token (`gdn_jax.ops.decode_recurrence`'s contract) -------------------------------
+#   "xla"     the arithmetic in jax.numpy: XLA runs it as a reduction over the state, then an
+#             elementwise update (two passes, separate kernels).
+#   "pallas"  kernels_pallas/decode.py: one Triton kernel that reads each state tile once and writes
+#             it in place (interpret mode on a CPU).
+#   "auto"    "xla" until the kernel is measured against it on a GPU (docs/benchmarks.md).
+
+def _decode_xla(*args, scale):
+    from gdn_jax.ops import xla_decode_recurrence
+    return xla_decode_recurrence(*args, scale=scale)
+
+
+def _decode_pallas(*args, scale):
+    from kernels_pallas.decode import pallas_decode_recurrence
+    return pallas_decode_recurrence(*args, scale=scale)
+
+
+DECODE_STEPS = {"xla": _decode_xla, "pallas": _decode_pallas}
+DECODE_IMPLS = (*DECODE_STEPS, "auto")
+
+
+def resolve_decode(impl: str, *, name: str = "decode_impl") -> str:
+    """The decode step an impl name (one of DECODE_IMPLS) means; ValueError naming `name` if unknown."""
+    if impl not in DECODE_IMPLS:
+        raise ValueError(f"{name} must be one of {DECODE_IMPLS}, got {impl!r}")
+    return "xla" if impl == "auto" else impl

@@ -23,13 +23,19 @@ Options:
                    (fla_gdn_1.3b, bf16, B = 1) fusing, together with the one-read recurrence
                    (gdn_jax.ops.decode_recurrence, which every decode step now uses), took a decode
                    step from 39.4 ms to 2.33 ms (docs/benchmarks.md); fuse=False keeps the trained
-                   module's layout.
+                   module's layout;
+  decode_impl      the recurrence of each GDN decode step (gdn_jax.impls.DECODE_IMPLS): "xla" (the
+                   arithmetic in jax.numpy), "pallas" (one Triton kernel reading the state once and
+                   updating it in place, kernels_pallas/decode.py), "auto" (default: "xla" until the
+                   kernel is measured against it on a GPU).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
+
+from gdn_jax import impls
 
 
 def is_inference_copy(model) -> bool:
@@ -44,9 +50,10 @@ def is_inference_copy(model) -> bool:
     return head[...].dtype == model.dtype
 
 
-def for_inference(model, *, dtype=None, fuse: bool = True):
+def for_inference(model, *, dtype=None, fuse: bool = True, decode_impl: str = "auto"):
     """A copy of the LM `model` for prefill and decoding (see the module docstring); `model` is
     left unchanged, and the caller may drop it to free its float32 weights."""
+    impls.resolve_decode(decode_impl)
     cfg = model.cfg
     try:  # "bfloat16" and jnp.bfloat16 alike; the config names dtypes by string
         dtype = cfg.dtype if dtype is None else jnp.dtype(dtype).name
@@ -67,4 +74,7 @@ def for_inference(model, *, dtype=None, fuse: bool = True):
         copy.tied_head = nnx.Variable(copy.embedding[...].astype(compute))
     if fuse:
         copy.fuse_for_inference()
+    for _, module in nnx.iter_modules(copy):
+        if hasattr(module, "decode_impl"):
+            module.decode_impl = decode_impl
     return copy

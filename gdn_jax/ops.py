@@ -140,15 +140,17 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     return o[:, :T].astype(v.dtype), (S if output_final_state else None)
 
 
-def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, *, scale=None):
+def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, *, scale=None, impl="auto"):
     """One token of the recurrence, for decoding.
 
     Args:
       q_t, k_t: [B, H, K]; v_t: [B, HV, V]; g_t, beta_t: [B, HV]; state: [B, HV, K, V] float32
       (None means zeros).
+      impl: one of gdn_jax.impls.DECODE_IMPLS ("xla", "pallas", "auto").
     Returns:
       (o_t [B, HV, V] in v_t's dtype, new_state [B, HV, K, V] float32).
     """
+    impls.resolve_decode(impl, name="impl")
     for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t), ("g_t", g_t), ("beta_t", beta_t)):
         _check_float(name, x)
     if q_t.ndim != 3:
@@ -166,10 +168,20 @@ def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, *, scale=None):
         state = jnp.zeros((B, HV, K, V), jnp.float32)
     _check_float("state", state, (jnp.float32,))
     _check_shape("state", state, (B, HV, K, V), "[B, HV, K, V]")
-    return decode_recurrence(q_t, k_t, v_t, g_t, beta_t, state, scale=_resolve_scale(scale, K))
+    return decode_recurrence(q_t, k_t, v_t, g_t, beta_t, state, scale=_resolve_scale(scale, K),
+                             impl=impl)
 
 
-def decode_recurrence(q_t, k_t, v_t, g_t, beta_t, state, *, scale=None):
+def decode_recurrence(q_t, k_t, v_t, g_t, beta_t, state, *, scale=None, impl="auto"):
+    """One token of the gated delta rule (`xla_decode_recurrence`'s math and shapes), on the
+    implementation `impl` names (gdn_jax.impls.DECODE_STEPS: "xla", "pallas" or "auto"), without
+    argument checks: the decode loop's layers call it directly."""
+    K = q_t.shape[-1]
+    step = impls.DECODE_STEPS[impls.resolve_decode(impl, name="impl")]
+    return step(q_t, k_t, v_t, g_t, beta_t, state, scale=K ** -0.5 if scale is None else scale)
+
+
+def xla_decode_recurrence(q_t, k_t, v_t, g_t, beta_t, state, *, scale=None):
     """One token of the gated delta rule, reading the state once for both of its products.
 
     With a = exp(g), q' = scale q, and kS = S^T k, qS = S^T q' taken together from the old state:
@@ -177,8 +189,7 @@ def decode_recurrence(q_t, k_t, v_t, g_t, beta_t, state, *, scale=None):
         o  = S'^T q' = a (qS - beta (k.q') kS) + beta (k.q') v
     so o needs no second pass over S' (forming S' and then reading it
     again, as reference.recurrent_step does, moves a third more bytes).
-    `gated_delta_rule_step`'s arithmetic, without its argument checks (the decode loop's layers call
-    it directly):
+    The "xla" decode step (gdn_jax.impls.DECODE_STEPS):
     q_t, k_t [B, H, K]; v_t [B, HV, V]; g_t, beta_t [B, HV]; state [B, HV, K, V] float32.
     Returns (o_t [B, HV, V] in v_t's dtype, new state [B, HV, K, V] float32).
     """

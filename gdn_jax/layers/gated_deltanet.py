@@ -62,6 +62,7 @@ class GatedDeltaNet(nnx.Module):
         self.decay = decay
         self.allow_neg_eigval = cfg.gdn_allow_neg_eigval
         self.impl, self.chunk_size = cfg.gdn_impl, cfg.gdn_chunk_size
+        self.decode_impl = "auto"  # the decode step's recurrence (impls.DECODE_IMPLS; for_inference sets it)
         self.dtype = dt
         self.q_proj = linear(d, H * K, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
         self.k_proj = linear(d, H * K, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
@@ -184,7 +185,7 @@ class GatedDeltaNet(nnx.Module):
         k = l2_normalize(k.reshape(B, self.num_heads, self.head_dim))
         v = v.reshape(B, self.num_v_heads, self.v_dim)
         g, beta = self._gates(b_raw, a_raw)
-        o, S = decode_recurrence(q, k, v, g, beta, cache["state"])
+        o, S = decode_recurrence(q, k, v, g, beta, cache["state"], impl=self.decode_impl)
         return self._output(o, gate_raw), dict(conv_q=cq, conv_k=ck, conv_v=cv, state=S)
 
 
