@@ -105,9 +105,16 @@ decode)
     # The recurrence alone (checked against XLA's step, then 21 layers timed), then whole tokens:
     # fused (XLA's recurrence) against pdec (the Pallas kernel) in one process, profiled. Prediction
     # (docs/benchmarks.md): -0.3 to -0.4 ms a token at B = 1 (2.151), about -30% at B = 256 (15.7 ms).
-    step decode_step 200 python3 bench/bench_decode_step.py --iters 20
-    step decode_gen 330 python3 bench/generate_throughput.py --configs fla_gdn_1.3b --batches 1,16,64,256 \
-        --variants fused,pdec --prefill "" --iters 3 --no-fla --profile /tmp/prof_pdec ;;
+    # Then B = 1 and 16 again with XLA's Triton GEMMs off, so every projection at one row goes to
+    # cuBLAS (the B = 1 profile: 1.14 ms of matmuls against the weights' 0.72 ms floor, half of it in
+    # XLA's Triton gemm fusions): predicted -0.2 to -0.3 ms at B = 1 if cuBLAS's GEMV reads near the
+    # bandwidth, nothing at 16.
+    step decode_step 150 python3 bench/bench_decode_step.py --iters 20
+    step decode_gen 250 python3 bench/generate_throughput.py --configs fla_gdn_1.3b --batches 1,16,64,256 \
+        --variants fused,pdec --prefill "" --iters 3 --no-fla --profile /tmp/prof_pdec
+    step decode_gen_cublas 140 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 \
+        bench/generate_throughput.py --configs fla_gdn_1.3b --batches 1,16 --variants fused,pdec \
+        --prefill "" --iters 3 --no-fla ;;
 scale)
     step longest_seq 540 python3 bench/longest_seq.py --timeout 100 --max_trials 4 ;;
 train_profile)
