@@ -4,7 +4,7 @@ updated in place and written once, with the output formed from the same read.
 With a = exp(g), q' = scale q and, from the old state, kS = S^T k and qS = S^T q':
     S' = a (S - beta k kS^T) + beta k v^T                 [K, V] per (row, value head)
     o  = S'^T q' = a (qS - beta (k.q') kS) + beta (k.q') v
-(the same arithmetic as `gdn_jax.ops.decode_recurrence`, which XLA runs as a reduction over the
+(the same arithmetic as `gdn_jax.ops.xla_decode_recurrence`, which XLA runs as a reduction over the
 state followed by an elementwise update: two passes, launched as separate kernels, and at batch 1
 with little parallelism in either).
 
