@@ -15,13 +15,15 @@
 #   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope
 #   bash bench/gpu_pending.sh lm_eval_a    # issue 16, first of two calls: lm-eval's pyarrow (carry .lmw_a)
 #   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA (carry .whl, .lmw_b)
+#   bash bench/gpu_pending.sh multi2       # issue 15, on nvidia-h200-x2: 1 GPU against data parallel and FSDP on 2
+#   bash bench/gpu_pending.sh multi2_ctx   # issue 15, on nvidia-h200-x2: context parallel at T = 32K, 1 GPU against 2
 #   bash bench/gpu_pending.sh generation   # issue 11: fla_gdn_1.3b with FLA in the same run (done: run of 2026-12-03)
 #   bash bench/gpu_pending.sh kernels      # issue 10: the new Mosaic defaults against the old, K = 128 shapes
 #   bash bench/gpu_pending.sh breakdown    # issue 10: per-kernel times of every Mosaic variant
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA, FLA, new and old Mosaic defaults, K = 128
 #   bash bench/gpu_pending.sh flashqla_h16 # issue 10: the short form (h16k128, new defaults only)
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh five|split|train|cmdbuf|decode|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
+part=${1:?"usage: bash bench/gpu_pending.sh five|split|train|cmdbuf|decode|multi2|multi2_ctx|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -115,6 +117,31 @@ decode)
     step decode_gen_cublas 140 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 \
         bench/generate_throughput.py --configs fla_gdn_1.3b --batches 1,16 --variants fused,pdec \
         --prefill "" --iters 3 --no-fla ;;
+multi2|multi2_ctx)
+    # issue 15 on two GPUs of one host, every configuration beside its 1-GPU baseline in the same
+    # call: one process per GPU through jax.distributed, each profiled (exposed communication).
+    # multi2: data parallel and FSDP at 4 x 4096 per GPU; multi2_ctx: context parallel at 32K.
+    two() {  # two NAME LIMIT ARGS...: the bench on GPUs 0 and 1, one process each; rank 0 logs
+        local name=$1 limit=$2
+        shift 2
+        echo "== $name (limit ${limit}s, 2 processes): $*"
+        for i in 0 1; do
+            CUDA_VISIBLE_DEVICES=$i timeout "$limit" python3 bench/train_throughput.py "$@" \
+                --coordinator_address localhost:12355 --num_processes 2 --process_id $i \
+                > "$out/$name.$i.log" 2>&1 &
+        done
+        wait
+        echo "== $name: done"
+    }
+    if [ "$part" = multi2 ]; then
+        step mgpu_1 150 env CUDA_VISIBLE_DEVICES=0 python3 bench/train_throughput.py --steps 8
+        two mgpu_dp 200 --steps 8 --profile /tmp/prof_dp
+        two mgpu_fsdp 200 --steps 8 --fsdp --profile /tmp/prof_fsdp
+    else
+        step mgpu_ctx1 200 env CUDA_VISIBLE_DEVICES=0 python3 bench/train_throughput.py --batch 1 \
+            --seq 32768 --steps 4
+        two mgpu_ctx2 250 --batch 1 --seq 32768 --steps 4 --context 2 --profile /tmp/prof_ctx
+    fi ;;
 scale)
     step longest_seq 540 python3 bench/longest_seq.py --timeout 100 --max_trials 4 ;;
 train_profile)

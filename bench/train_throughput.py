@@ -114,9 +114,11 @@ def main():
     state, rest = trainer.init_fn(), trainer.rest_fn()
 
     rows = mesh_lib.local_rows(mesh, G, args.seq)
-    rng = np.random.default_rng(jax.process_index())
     shape = (len(rows), args.seq)
-    tokens = rng.integers(0, cfg.model.vocab_size, size=(shape[0], shape[1] + 1), dtype=np.int32)
+    # Each global row's tokens depend only on its index, so any mesh and process count trains on the
+    # same batch (a context-parallel run's loss can be compared with one GPU's).
+    tokens = np.stack([np.random.default_rng(r).integers(0, cfg.model.vocab_size, size=args.seq + 1,
+                                                         dtype=np.int32) for r in rows])
     local = {
         "tokens": tokens[:, :-1],
         "targets": tokens[:, 1:],
