@@ -104,6 +104,9 @@ def test_generate_with_the_pallas_decode_step_matches_the_xla_one():
         _, cache = m.prefill(prompt, cache_len=16)
         step_logits, _ = m.step(prompt[:, -1], cache)
         logits.append(np.asarray(step_logits, np.float32))
+        # the kernel runs in the "pallas" copy's step, and only there
+        jaxpr = str(jax.make_jaxpr(lambda t, c: m.step(t, c))(prompt[:, -1], cache))
+        assert ("gdn_decode_step" in jaxpr) == (m is pallas)
     np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="decode_impl must be one of"):
         for_inference(model, decode_impl="triton")
