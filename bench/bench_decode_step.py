@@ -81,29 +81,16 @@ def layers_fn(impl):
     return jax.jit(run, donate_argnums=1)
 
 
-def bandwidth():
-    import jax
-    import jax.numpy as jnp
-
-    n = (1 << 30) if jax.default_backend() == "gpu" else (1 << 20)
-    x = jnp.zeros((n,), jnp.float32)
-    f = jax.jit(lambda x: x + 1)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(10):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 4 * n / best
-
-
 def main(argv=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     args = parse_args(argv)
-    bw = bandwidth()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from generate_throughput import measure_bandwidth
+
+    bw = measure_bandwidth(smoke=jax.default_backend() != "gpu")
     print(f"{jax.devices()[0].device_kind} | jax {jax.__version__} | copy bandwidth {bw / 1e12:.2f} "
           f"TB/s | {LAYERS} steps per timing, median of {args.iters}", flush=True)
     rows = []
