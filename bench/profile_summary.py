@@ -101,6 +101,26 @@ def _union(intervals):
     return out
 
 
+def idle_gaps(events, min_ns: float = 20e3, top: int = 5):
+    """Where a GPU ran no op: (total idle ns between the first op's start and the last op's end,
+    the `top` longest gaps of at least `min_ns` as (gap ns, op before, op after)), from op events
+    (name, start_ns, duration_ns; an "hlo_op" stat names the op when present). Overlapping ops
+    count once."""
+    def name(ev):
+        return dict(getattr(ev, "stats", ())).get("hlo_op", ev.name)
+
+    evs = sorted(events, key=lambda ev: ev.start_ns)
+    idle, gaps, end, last = 0.0, [], None, None
+    for ev in evs:
+        if end is not None and ev.start_ns > end:
+            idle += ev.start_ns - end
+            if ev.start_ns - end >= min_ns:
+                gaps.append((ev.start_ns - end, name(last), name(ev)))
+        if end is None or ev.start_ns + ev.duration_ns > end:
+            end, last = ev.start_ns + ev.duration_ns, ev
+    return idle, sorted(gaps, key=lambda g: -g[0])[:top]
+
+
 def exposed_time(communication, computation) -> tuple[float, float]:
     """(time covered by the communication intervals, the part of it no computation interval
     covers); intervals are (start, end) pairs in any unit."""
@@ -196,6 +216,11 @@ def summarize(trace_dir: str, steps: int, top: int = 12, step_ms: float | None =
              f"{op_count(trace_dir) / steps:.0f} GPU ops per step"]
     for g, ms in groups.most_common():
         lines.append(f"  {g:<52}{ms / steps:9.2f} ms  {100 * ms / total:5.1f} %")
+    idle, gaps = idle_gaps(list(_op_events(trace_dir)))
+    lines.append(f"  {'no GPU op running (first op to last)':<52}{idle / 1e6 / steps:9.2f} ms per step; "
+                 f"longest gaps:")
+    for ns, before, after in gaps:
+        lines.append(f"    {ns / 1e3:8.1f} us  after {before[:45]}  before {after[:45]}")
     lines.append(f"  top {top} ops:")
     for name, ms in collections.Counter(ops).most_common(top):
         lines.append(f"    {name[:60]:<60}{ms / steps:9.2f} ms  {100 * ms / total:5.1f} %")

@@ -18,8 +18,9 @@ train.py; --no_overlap_flags leaves them out (the step as before they existed). 
 bfloat16 reduces gradients in bf16. --collectives prints the compiled step's collectives (count and
 bytes per kind and dtype). --profile DIR traces 3 more steps and prints GPU time per op group, per model
 scope (the model's jax.named_scope names: block/GatedDeltaNet/short_conv, loss, optimizer, ...,
-forward and backward apart) and the exposed communication: collective kernel time during which no
-compute kernel ran (bench/profile_summary.py).
+forward and backward apart), the time with no GPU op running (with the longest gaps and the ops on
+either side) and the exposed communication: collective kernel time during which no compute kernel
+ran (bench/profile_summary.py).
 
 Batches are random tokens (one document per row) already on the devices, so only the step is
 timed. The steps are timed twice: each one synced (the host waits for its loss before dispatching

@@ -129,3 +129,13 @@ def test_scopes_follow_the_kernels_hlo_op_stat(monkeypatch):
         rows[" ".join(scope)] = (float(mm), float(other), float(share))
     assert rows == {"(not in the HLO)": (0.0, 5.0, 50.0), "block/mlp (bwd)": (4.0, 0.0, 40.0),
                     "block/norm": (0.0, 1.0, 10.0)}
+
+
+def test_idle_gaps_count_time_with_no_op_and_name_the_longest():
+    ev = lambda name, start, dur: NS(name=name, start_ns=start, duration_ns=dur,
+                                     stats=[("hlo_op", name + ".0")])
+    events = [ev("c", 200e3, 10e3), ev("a", 0, 100e3), ev("b", 50e3, 100e3),  # a, b overlap
+              ev("d", 215e3, 5e3)]
+    idle, gaps = profile_summary.idle_gaps(events, min_ns=20e3)
+    assert idle == 50e3 + 5e3  # 150-200 and 210-215 us
+    assert gaps == [(50e3, "b.0", "c.0")]  # the 5 us gap is under min_ns
