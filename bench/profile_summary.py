@@ -74,13 +74,18 @@ def op_times(trace_dir: str) -> dict[str, float]:
     return dict(totals)
 
 
+def _hlo_op(ev) -> str:
+    """The HLO instruction a kernel event ran for (its "hlo_op" stat), else the event's name."""
+    return dict(getattr(ev, "stats", ())).get("hlo_op", ev.name)
+
+
 def op_times_by_hlo_op(trace_dir: str) -> dict[str, float]:
     """Total device milliseconds per HLO instruction: a kernel event's "hlo_op" stat names the
     instruction that launched it (a cuBLAS kernel's name is nvjet_..., a fusion's kernel name has
     "_" where the instruction has "."), so this is what leads an op to its named scope."""
     totals = collections.Counter()
     for ev in _op_events(trace_dir):
-        totals[dict(getattr(ev, "stats", ())).get("hlo_op", ev.name)] += ev.duration_ns / 1e6
+        totals[_hlo_op(ev)] += ev.duration_ns / 1e6
     return dict(totals)
 
 
@@ -106,16 +111,13 @@ def idle_gaps(events, min_ns: float = 20e3, top: int = 5):
     the `top` longest gaps of at least `min_ns` as (gap ns, op before, op after)), from op events
     (name, start_ns, duration_ns; an "hlo_op" stat names the op when present). Overlapping ops
     count once."""
-    def name(ev):
-        return dict(getattr(ev, "stats", ())).get("hlo_op", ev.name)
-
     evs = sorted(events, key=lambda ev: ev.start_ns)
     idle, gaps, end, last = 0.0, [], None, None
     for ev in evs:
         if end is not None and ev.start_ns > end:
             idle += ev.start_ns - end
             if ev.start_ns - end >= min_ns:
-                gaps.append((ev.start_ns - end, name(last), name(ev)))
+                gaps.append((ev.start_ns - end, _hlo_op(last), _hlo_op(ev)))
         if end is None or ev.start_ns + ev.duration_ns > end:
             end, last = ev.start_ns + ev.duration_ns, ev
     return idle, sorted(gaps, key=lambda g: -g[0])[:top]

@@ -143,16 +143,10 @@ def test_decode_bench_arguments_name_what_is_wrong(capsys):
 
 
 @pytest.mark.parametrize("H,HV,K,V", [(9, 9, 200, 400), (6, 6, 256, 512), (16, 32, 128, 128)])
-def test_decode_kernel_lowers_to_triton_for_a_gpu(monkeypatch, H, HV, K, V):
+def test_decode_kernel_lowers_to_triton_for_a_gpu(triton_lowers_as_for_h100, H, HV, K, V):
     """The kernel lowers to Triton for a GPU on this CPU at the 1.3B models' and Qwen3-Next's head
     dims (Triton refuses tensors whose dims are not powers of two: K = 200 must go through the
     mask, not a [200, BV] tile), with the state aliased to the new state."""
-    try:  # jax >= 0.11 asks the device for its compute capability: lower as for an H100
-        from jax._src.pallas.triton import gpu_info, pallas_call_registration
-        monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
-                            lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
-    except ImportError:
-        pass
     B = 2
     q = jnp.zeros((B, H, K), jnp.bfloat16)
     v = jnp.zeros((B, HV, V), jnp.bfloat16)

@@ -478,17 +478,12 @@ def _lower_mosaic_kernel(monkeypatch, mode, docs, K, V):
 
 @pytest.mark.parametrize("segments, loop_stages, keep", [(1, 1, False), (2, 2, False), (1, 1, True),
                                                      (1, 3, "split")])
-def test_triton_kernels_lower_for_gpu_at_the_paper_head_dims(monkeypatch, segments, loop_stages, keep):
+def test_triton_kernels_lower_for_gpu_at_the_paper_head_dims(triton_lowers_as_for_h100, segments,
+                                                           loop_stages, keep):
     """Forward and backward at K = 200, V = 400 (the paper's heads) with GVA and documents lower to
     Triton for a GPU: every kernel, with the masked loads and stores at the true head dims (Triton
     refuses any tensor whose dims are not powers of two, so this is where a mask that widened a
     tile to the array's width would fail)."""
-    try:  # jax >= 0.11 asks the device for its compute capability: lower as for an H100
-        from jax._src.pallas.triton import gpu_info, pallas_call_registration
-        monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
-                            lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
-    except ImportError:
-        pass
     B, T, H, HV, K, V = 1, 256, 1, 2, 200, 400
     q = jnp.zeros((B, T, H, K), BF16)
     v = jnp.zeros((B, T, HV, V), BF16)
