@@ -15,6 +15,12 @@
    FLA's first logits (0 when the round trip is exact) and against ours.
 4. Each further impl of --gdn_impls imports the directory again: its own import error.
 
+Both sides compute in float32 throughout: JAX's matmuls at "highest" precision, PyTorch's with TF32
+off, and FLA's layers in --fla_mode "fused_recurrent" (default), whose recurrence is elementwise
+float32. FLA's "chunk" kernels run their float32 dots as TF32 (Triton's default for float32 tl.dot):
+at the 1.3B size their logits differ from exact float32 by about 1.5e-3 (H200, 2026-12-03), which
+would hide the import's own error.
+
 Prints one line per error and writes them with the versions and the command to --out (JSON).
 """
 
@@ -63,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--gdn_impls", default="auto",
                    help="comma list of gated_delta_rule impls to import with (each its own import "
                         "error; the first is exported), e.g. chunk,auto")
+    p.add_argument("--fla_mode", default="fused_recurrent", choices=("fused_recurrent", "chunk"),
+                   help="FLA's GatedDeltaNet kernel (its attn_mode); chunk runs float32 dots as TF32")
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
 
@@ -83,7 +91,11 @@ def main(argv=None) -> int:
 
     from gdn_jax.interop import load_fla_checkpoint, save_fla_checkpoint
 
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     overrides = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides.setdefault("attn_mode", args.fla_mode)
     config = GatedDeltaNetConfig(**overrides)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.time()
@@ -147,7 +159,8 @@ def main(argv=None) -> int:
         save_fla_checkpoint(ours_model, cfg, out)
         del ours_model
         progress("FLA: from_pretrained on the export, logits")
-        back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                             attn_mode=overrides["attn_mode"])
         again = fla_logits(back.to(device).eval())
         del back
         results["export_rel_err_vs_fla"] = rel(again, ref)
@@ -163,7 +176,8 @@ def main(argv=None) -> int:
         ("cpu (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else "cpu"),
         jax_backend=jax.default_backend(), jax=jax.__version__, torch=torch.__version__,
         fla=fla.__version__, triton=triton.__version__, transformers=transformers.__version__,
-        python=platform.python_version(), gdn_impl=cfg.gdn_impl,
+        python=platform.python_version(), gdn_impl=cfg.gdn_impl, fla_mode=overrides["attn_mode"],
+        jax_matmul_precision="highest",
         command="python3 bench/check_fla_parity.py " + " ".join(sys.argv[1:]))
     print(f"{n_params / 1e6:.1f}M params, tokens {args.batch} x {args.seq_len}, "
           f"{results['device']} / jax {jax.default_backend()}")

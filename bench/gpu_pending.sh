@@ -75,10 +75,10 @@ breakdown)
         --shapes h16k128 --iters 30 --no-check --no-chunk --no-fla --breakdown-only \
         --variants mosaic,mosaic-fkg,mosaic-rw2,mosaic-mp1,mosaic-mkg,triton ;;
 parity)
-    # FLA's float32 logits took 130 s (Triton compiles); our Pallas path at float32 and K = 256 had
-    # not finished compiling 4 minutes later (2026-12-03), so chunk goes first.
+    # Exact float32 on both sides (check_fla_parity.py's docstring): FLA in fused_recurrent mode,
+    # ours with "highest" matmuls; "auto" is the chunk path at float32 since 2026-12-03.
     step parity 570 env FLA_FLASH_QLA=0 python3 bench/check_fla_parity.py --batch 1 --seq_len 2048 \
-        --gdn_impls chunk,auto --out "$out/parity_1p3b.json" ;;
+        --gdn_impls chunk --out "$out/parity_1p3b.json" ;;
 generation)
     # Each row prints as it completes, so a step that runs out of time still leaves its rows.
     step gen_fla 560 env FLA_FLASH_QLA=0 python3 bench/generate_throughput.py --configs fla_gdn_1.3b \
@@ -146,8 +146,11 @@ scale)
     step longest_seq 540 python3 bench/longest_seq.py --timeout 100 --max_trials 4 ;;
 train_profile)
     # issue 13: where the fla_gdn_1.3b step's time goes, by model scope (forward and backward)
+    # The trace and the step's HLO come back (xz) so the op table can be read again here.
     step train_profile 400 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 4 \
-        --profile /tmp/prof ;;
+        --profile /tmp/prof
+    xz -T8 -1 -c "$(find /tmp/prof -name '*.xplane.pb' | tail -1)" > "$out/train.xplane.pb.xz"
+    xz -T8 -1 -c /tmp/prof/train_step.hlo.txt > "$out/train_step.hlo.txt.xz" ;;
 lm_eval_a)
     # lm-eval's wheels travel in two calls on one warm machine (bench/lm_eval_wheels.sh): this one
     # carries .lmw_a (pyarrow) into .site_lm, which stays there for the next call.

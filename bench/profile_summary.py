@@ -75,8 +75,12 @@ def op_times(trace_dir: str) -> dict[str, float]:
 
 
 def _hlo_op(ev) -> str:
-    """The HLO instruction a kernel event ran for (its "hlo_op" stat), else the event's name."""
-    return dict(getattr(ev, "stats", ())).get("hlo_op", ev.name)
+    """The HLO instruction a kernel event ran for (its "hlo_op" stat), else the event's name. A
+    kernel launched from a command buffer (a CUDA graph) has the buffer's instruction as its stat
+    ("command_buffer_1" for every kernel of the step's graph, H200 trace of 2026-12-03); its own
+    name is then the best lead (a fusion's kernel is named after it; hlo_op_names maps that)."""
+    op = dict(getattr(ev, "stats", ())).get("hlo_op", ev.name)
+    return ev.name if op.startswith("command_buffer") else op
 
 
 def op_times_by_hlo_op(trace_dir: str) -> dict[str, float]:
@@ -167,7 +171,14 @@ _STRUCTURAL = {"while", "body", "cond", "closed_call", "remat", "checkpoint", "c
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
     """{instruction name: its metadata op_name} of a compiled HLO module's text. A fusion carries
     its root's op_name, so a profiled op's name leads to the jax.named_scope it came from."""
-    return {name.lstrip("%"): op for name, op in _INSTRUCTION.findall(hlo_text)}
+    names = {}
+    for name, op in _INSTRUCTION.findall(hlo_text):
+        name = name.lstrip("%")
+        # A fusion's kernel is named after it with "_" for "." (loop_add_fusion.21 ->
+        # loop_add_fusion_21): the name a kernel launched from a command buffer is known by.
+        names.setdefault(name.replace(".", "_"), op)
+        names[name] = op
+    return names
 
 
 def scope_of(op_name: str, depth: int = 2) -> str:

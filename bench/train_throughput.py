@@ -194,6 +194,9 @@ def main():
         if jax.process_index() == 0:
             # The op names of the compiled step lead each profiled op to its jax.named_scope.
             text = trainer.lower_fn(state, rest, batch).compile().as_text()
+            # Kept beside the trace, so the trace can be read again elsewhere with its op names.
+            with open(os.path.join(args.profile, "train_step.hlo.txt"), "w") as f:
+                f.write(text)
             print(profile_summary.summarize(args.profile, steps=3, step_ms=dt * 1e3, hlo_text=text))
 
 

@@ -7,7 +7,7 @@
                    bf16/f16 inputs, chunk size 64; interpret mode on a CPU needs jax >= 0.12).
   "pallas"         the fastest Pallas path the call can run on this device (`PALLAS_PREFERENCE`, from
                    measurements in docs/benchmarks.md).
-  "auto"           "pallas" on a GPU, "chunk" elsewhere.
+  "auto"           "pallas" on a GPU for 16-bit inputs; "chunk" for float32 inputs and off the GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 
 class Implementation(NamedTuple):
@@ -87,11 +88,19 @@ def on_hopper() -> bool:
     return float(capability) >= 9.0
 
 
+def _exact_float32(dtype) -> bool:
+    # Float32 inputs ask the Pallas kernels for IEEE float32 products, which Triton has no tensor-core
+    # instruction for: it unrolls them into FMA loops. At K = 256 the 1.3B model's float32 forward
+    # had not compiled after 5 minutes (H200, 2026-12-03, docs/benchmarks.md), where the chunk path
+    # compiles in 16-46 s; float32 runs are parity checks, not training, so "auto" takes the chunk path.
+    return jnp.dtype(dtype) == jnp.float32
+
+
 def resolve(impl: str, *, dtype, K: int, V: int, chunk_size: int) -> str:
     """The concrete implementation an impl name (one of IMPLS) means for this call on this machine.
     An explicit name that cannot run raises ValueError with the reason."""
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "chunk"
+        impl = "pallas" if jax.default_backend() == "gpu" and not _exact_float32(dtype) else "chunk"
     if impl == "pallas":
         # Without a Hopper GPU "pallas" means the portable kernels (in interpret mode on a CPU).
         if not on_hopper():

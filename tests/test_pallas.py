@@ -546,6 +546,20 @@ def test_pallas_on_hopper_follows_the_measured_preference(monkeypatch):
     assert pick(BF16, 128, 128, 32) == "pallas_triton"
 
 
+def test_auto_is_pallas_on_a_gpu_for_16_bit_inputs_and_chunk_for_float32(monkeypatch):
+    """ "auto" takes the Pallas kernels on a GPU for bf16/f16 inputs; float32 inputs (IEEE products,
+    which Triton unrolls into FMA loops that compile for minutes at K = 256) take the chunk path,
+    as every dtype does off the GPU. An explicit "pallas" still means the kernels."""
+    monkeypatch.setattr(impls, "on_hopper", lambda: False)
+    auto = lambda dtype: impls.resolve("auto", dtype=dtype, K=256, V=512, chunk_size=64)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert auto(BF16) == "pallas_triton" and auto(jnp.float16) == "pallas_triton"
+    assert auto(jnp.float32) == "chunk"
+    assert impls.resolve("pallas", dtype=jnp.float32, K=256, V=512, chunk_size=64) == "pallas_triton"
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert auto(BF16) == "chunk" and auto(jnp.float32) == "chunk"
+
+
 def test_measured_mosaic_defaults_apply_on_a_gpu_up_to_128():
     """The warp-specialised sweeps and the fused gradient kernel are the Mosaic defaults where they
     were measured to pay and fit (a GPU, padded K <= 128; V <= 128 for the fused kernel), and not in

@@ -131,6 +131,21 @@ def test_scopes_follow_the_kernels_hlo_op_stat(monkeypatch):
                     "block/norm": (0.0, 1.0, 10.0)}
 
 
+def test_kernels_in_a_command_buffer_are_placed_by_their_kernel_names(monkeypatch):
+    """Inside a CUDA graph every kernel's "hlo_op" stat is the command buffer's instruction; a fusion
+    kernel is then placed by its own name ("_" for "."), and a cuBLAS kernel stays unplaced."""
+    ev = lambda name, dur: NS(name=name, start_ns=0, duration_ns=dur,
+                              stats=[("hlo_op", "command_buffer_1")])
+    plane = NS(name="/device:GPU:0", lines=[NS(name="Stream #14(Compute,Memset)", events=[
+        ev("input_add_reduce_slice_fusion_1", 3e6), ev("nvjet_sm90_tst_128x128", 1e6)])])
+    monkeypatch.setattr(profile_summary, "_gpu_planes", lambda trace_dir: [plane])
+    text = ('  %input_add_reduce_slice_fusion.1 = (f32[4,8]{1,0}) fusion(%c), kind=kInput, '
+            'metadata={op_name="jit(step)/transpose(jvp(block))/short_conv/mul"}\n')
+    table = profile_summary.summarize("unused", steps=1, hlo_text=text).split("by scope")[1]
+    assert "block/short_conv (bwd)" in table and "75.0 %" in table.split("short_conv (bwd)")[1]
+    assert "(not in the HLO)" in table and "25.0 %" in table.split("(not in the HLO)")[1]
+
+
 def test_idle_gaps_count_time_with_no_op_and_name_the_longest():
     ev = lambda name, start, dur: NS(name=name, start_ns=start, duration_ns=dur,
                                      stats=[("hlo_op", name + ".0")])
