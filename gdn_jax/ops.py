@@ -9,7 +9,8 @@ dtype, and the final state (or None).
 
 Implementations (all compute the same function): the table in gdn_jax/impls.py, with "scan" the
 definition, "chunk" the plain-JAX chunkwise path, "pallas_triton" and "pallas_mosaic" the Pallas
-kernels, "pallas" the fastest of those on this device, "auto" "pallas" on a GPU and "chunk" elsewhere.
+kernels, "pallas" the fastest of those on this device, "auto" "pallas" on a GPU for 16-bit inputs and
+"chunk" for float32 inputs and elsewhere.
 """
 
 from __future__ import annotations
