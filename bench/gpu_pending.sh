@@ -10,6 +10,7 @@
 #   bash bench/gpu_pending.sh generation2  # issue 11: S-NIAH before/after in one call, gdn_1.3b B = 256, 32K
 #   bash bench/gpu_pending.sh cmdbuf       # issue 11: CUDA graphs for the decode loop at B = 1, 16
 #   bash bench/gpu_pending.sh decode       # issue 11: the Pallas decode step against XLA's, alone and in generate()
+#   bash bench/gpu_pending.sh conv         # issue 13: the Pallas short conv alone, then in the 1.3B step
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1
 #   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope
@@ -23,7 +24,7 @@
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA, FLA, new and old Mosaic defaults, K = 128
 #   bash bench/gpu_pending.sh flashqla_h16 # issue 10: the short form (h16k128, new defaults only)
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh five|split|train|cmdbuf|decode|multi2|multi2_ctx|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
+part=${1:?"usage: bash bench/gpu_pending.sh five|split|train|conv|cmdbuf|decode|multi2|multi2_ctx|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -64,6 +65,16 @@ train)
     # shape, 21 layers: predicted 369.6 -> ~355 ms, 37.3% -> ~38.8% MFU), then the paper layout.
     step train_fla_1p3b 250 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8
     step train_gdn_1p3b 250 python3 bench/train_throughput.py --config gdn_1.3b --steps 8 ;;
+conv)
+    # issue 13: the short conv's Pallas kernels (checked against the jax.numpy path, then timed alone
+    # at fla_gdn_1.3b's widths), then the training step with them against the default in one call.
+    # Prediction (docs/benchmarks.md, seventh session): alone, forward+backward within 2x of the
+    # bytes' floor (~0.15 ms at 1,536 channels, ~0.3 at 3,072) against XLA's ~0.6-1.2 ms; the step
+    # 341 -> 316-326 ms (-15 to -25 ms over 63 convs), 40% -> 42-43% MFU.
+    step conv_bench 150 python3 bench/bench_short_conv.py
+    step conv_train_pallas 220 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
+        --set model.conv_impl=pallas
+    step conv_train_xla 220 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 ;;
 kernels)
     # The Mosaic defaults at K <= 128 (fused key grads, two-warpgroup reverse) against the old ones,
     # each shape's default checked first (t16k runs them under context parallelism: segments).

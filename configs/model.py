@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from gdn_jax.impls import CONV_IMPLS
 from gdn_jax.impls import IMPLS as GDN_IMPLS
 
 MIXER_KINDS = {
@@ -50,6 +51,7 @@ class ModelConfig:
     gdn_allow_neg_eigval: bool = False  # beta = 2 * sigmoid(.) in (0, 2) instead of sigmoid(.)
     gdn_impl: str = "auto"  # gated_delta_rule impl, one of gdn_jax.impls.IMPLS
     gdn_chunk_size: int = 64  # chunk length of the chunk / pallas paths, tokens (16, 32 or 64)
+    conv_impl: str = "auto"  # the GDN short convs: one of gdn_jax.impls.CONV_IMPLS
     # Decay init, g = -A * dt per token at init (FLA's recipe by default).
     gdn_A_init_max: float = 16.0  # A ~ U(0, gdn_A_init_max) per value head
     gdn_dt_init_min: float = 1e-3  # dt ~ logU(gdn_dt_init_min, gdn_dt_init_max), floored at 1e-4
@@ -77,6 +79,8 @@ class ModelConfig:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.gdn_impl not in GDN_IMPLS:
             raise ValueError(f"gdn_impl must be one of {GDN_IMPLS}, got {self.gdn_impl!r}")
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
         if self.attn_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attn_impl must be None, 'xla' or 'cudnn', got {self.attn_impl!r}")
         if self.dtype not in ("bfloat16", "float32", "float16"):

@@ -139,3 +139,20 @@ def resolve_decode(impl: str, *, name: str = "decode_impl") -> str:
     if impl not in DECODE_IMPLS:
         raise ValueError(f"{name} must be one of {DECODE_IMPLS}, got {impl!r}")
     return "xla" if impl == "auto" else impl
+
+
+# ---- the short causal conv with SiLU of the GDN mixers (`gdn_jax.layers.conv.ShortConv`) -----------
+#   "xla"     the shifted multiply-sums in jax.numpy, autodiff for the backward.
+#   "pallas"  kernels_pallas/short_conv.py: one Triton kernel forward, one backward that writes
+#             per-tile weight-gradient partials (interpret mode on a CPU). It covers the forward
+#             without a decode cache and without a bias; other calls and shapes it cannot tile
+#             (kernels_pallas.short_conv.unsupported_reason) take the "xla" path.
+#   "auto"    "xla" until the kernels are measured against it on a GPU (docs/benchmarks.md).
+CONV_IMPLS = ("xla", "pallas", "auto")
+
+
+def resolve_conv(impl: str, *, name: str = "conv_impl") -> str:
+    """The short conv an impl name (one of CONV_IMPLS) means; ValueError naming `name` if unknown."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"{name} must be one of {CONV_IMPLS}, got {impl!r}")
+    return "xla" if impl == "auto" else impl

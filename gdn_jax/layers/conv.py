@@ -6,6 +6,9 @@ Inputs before the sequence come from `cache` (the previous W - 1 inputs) or are 
 segment_ids, an input from another document than token t counts as zero, so nothing leaks across
 packed documents; the cache belongs to each row's first document, unless `cache_segment_ids` say
 which documents its tokens belong to (a context-parallel halo from the previous device).
+
+impl (gdn_jax.impls.CONV_IMPLS): "pallas" runs the forward without a cache, with SiLU and no bias,
+through kernels_pallas/short_conv.py (forward and backward kernels); everything else is jax.numpy.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gdn_jax.impls import resolve_conv
 from gdn_jax.layers.norms import small_param
 
 
@@ -28,12 +32,13 @@ class ShortConv(nnx.Module):
     """Depthwise causal conv over time on [B, T, C]; weight [W, C] (unsharded, small)."""
 
     def __init__(self, channels: int, kernel_size: int, *, std: float, use_bias: bool = False,
-                 activation: bool = True, rngs: nnx.Rngs):
+                 activation: bool = True, impl: str = "auto", rngs: nnx.Rngs):
         w = std * jax.random.normal(rngs.params(), (kernel_size, channels), jnp.float32)
         self.weight = small_param(w)
         self.bias = small_param(jnp.zeros((channels,), jnp.float32)) if use_bias else None
         self.kernel_size = kernel_size
         self.activation = activation
+        self.impl = resolve_conv(impl)  # gdn_jax.impls.CONV_IMPLS
 
     def _finish(self, y, dtype):
         if self.bias is not None:
@@ -50,6 +55,8 @@ class ShortConv(nnx.Module):
         they continue token t's document; without them the cache continues the first document."""
         B, T, C = x_BxTxC.shape
         W = self.kernel_size
+        if self._kernel_runs(B * T, C, cache, return_cache):
+            return self._pallas(x_BxTxC, segment_ids), None
         if cache is None:
             cache = jnp.zeros((B, W - 1, C), x_BxTxC.dtype)
         xp = jnp.concatenate([cache.astype(x_BxTxC.dtype), x_BxTxC], axis=1)  # [B, T+W-1, C]
@@ -73,6 +80,21 @@ class ShortConv(nnx.Module):
                 same = doc[:, T:] == doc[:, -1:]
                 new_cache = jnp.where(same[..., None], new_cache, 0)
         return self._finish(y, x_BxTxC.dtype), new_cache
+
+    def _kernel_runs(self, N, C, cache, return_cache) -> bool:
+        from kernels_pallas.short_conv import unsupported_reason
+        return (self.impl == "pallas" and cache is None and not return_cache and self.activation
+                and self.bias is None and unsupported_reason(N, C, self.kernel_size) is None)
+
+    def _pallas(self, x_BxTxC, segment_ids):
+        """The same function through kernels_pallas/short_conv.py, on the flattened rows: the rows
+        of one batch row share a document id only with each other (B * T + document index)."""
+        from kernels_pallas.short_conv import short_conv_silu
+        B, T, C = x_BxTxC.shape
+        doc = jnp.zeros((B, T), jnp.int32) if segment_ids is None else document_index(segment_ids)
+        doc = doc + T * jnp.arange(B, dtype=jnp.int32)[:, None]
+        y = short_conv_silu(x_BxTxC.reshape(B * T, C), self.weight[...], doc.reshape(B * T))
+        return y.reshape(B, T, C)
 
     def step(self, x_BxC: jax.Array, cache_BxWm1xC: jax.Array):
         """One token: returns (y [B, C], new cache [B, W-1, C])."""

@@ -75,9 +75,9 @@ class GatedDeltaNet(nnx.Module):
             self.A_log = small_param(A_log)
             self.dt_bias = small_param(dt_bias)
         W = cfg.gdn_conv_size
-        self.q_conv = ShortConv(H * K, W, std=std, rngs=rngs)
-        self.k_conv = ShortConv(H * K, W, std=std, rngs=rngs)
-        self.v_conv = ShortConv(HV * V, W, std=std, rngs=rngs)
+        self.q_conv = ShortConv(H * K, W, std=std, impl=cfg.conv_impl, rngs=rngs)
+        self.k_conv = ShortConv(H * K, W, std=std, impl=cfg.conv_impl, rngs=rngs)
+        self.v_conv = ShortConv(HV * V, W, std=std, impl=cfg.conv_impl, rngs=rngs)
         self.g_proj = linear(d, HV * V, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
         self.o_norm = GatedRMSNorm(V, eps=cfg.norm_eps, norm_before_gate=True)
         self.o_proj = linear(HV * V, d, ("heads", "embed"), std=std, dtype=dt, rngs=rngs)
