@@ -50,8 +50,11 @@ def reference(x_NxC, w_WxC, doc_N):
 
 
 def block_channels(C: int) -> int | None:
-    """The largest power of two up to 128 dividing C, or None below 16 (the kernels then do not run)."""
-    bc = 128
+    """The largest power of two up to 64 dividing C, or None below 16 (the kernels then do not run).
+    64, not more: a [64, 64] float32 tile is 32 registers a thread at the forward's 4 warps (16 at
+    the backward's 8, which holds about five: dx, pre, its sigmoid, dpre, a tap); [64, 128] tiles
+    would spill. A first choice, not yet tuned on a GPU."""
+    bc = 64
     while bc >= 16 and C % bc:
         bc //= 2
     return bc if bc >= 16 else None
@@ -72,26 +75,30 @@ def _sigmoid(z):
     return 1.0 / (1.0 + jnp.exp(-z))  # exp(-z) = inf for very negative z gives 0, never NaN
 
 
+def _tap(x_ref, doc_ref, d, rows0, cols, s):
+    """x at rows [rows0 - s, rows0 - s + BT) of the tile's columns (float32), zero where the row is
+    in another document than the output row it feeds (doc d)."""
+    src = x_ref[pl.ds(rows0 - s, BLOCK_ROWS), cols].astype(jnp.float32)
+    if s:
+        src = jnp.where((doc_ref[pl.ds(rows0 - s, BLOCK_ROWS)] == d)[:, None], src, 0.0)
+    return src
+
+
 def _pre(x_ref, w_ref, doc_ref, rows0, cols, W):
-    """pre for rows [rows0, rows0 + BT) of the tile's columns, and each tap's (masked) input."""
+    """pre for rows [rows0, rows0 + BT) of the tile's columns, and those rows' doc ids."""
     d = doc_ref[pl.ds(rows0, BLOCK_ROWS)]
-    pre, taps = None, []
+    pre = None
     for i in range(W):
-        s = W - 1 - i
-        src = x_ref[pl.ds(rows0 - s, BLOCK_ROWS), cols].astype(jnp.float32)
-        if s:
-            src = jnp.where((doc_ref[pl.ds(rows0 - s, BLOCK_ROWS)] == d)[:, None], src, 0.0)
-        term = src * w_ref[i, cols][None, :]
+        term = _tap(x_ref, doc_ref, d, rows0, cols, W - 1 - i) * w_ref[i, cols][None, :]
         pre = term if pre is None else pre + term
-        taps.append(src)
-    return pre, taps, d
+    return pre, d
 
 
 def _forward_kernel(x_ref, w_ref, doc_ref, y_ref, *, N, W, BC):
     k, j = pl.program_id(0), pl.program_id(1)
     t0 = jnp.clip(k * BLOCK_ROWS, W - 1, N - BLOCK_ROWS)
     cols = pl.ds(j * BC, BC)
-    pre, _, _ = _pre(x_ref, w_ref, doc_ref, t0, cols, W)
+    pre, _ = _pre(x_ref, w_ref, doc_ref, t0, cols, W)
     y_ref[pl.ds(t0, BLOCK_ROWS), cols] = (pre * _sigmoid(pre)).astype(y_ref.dtype)
 
 
@@ -103,7 +110,7 @@ def _backward_kernel(x_ref, w_ref, doc_ref, dy_ref, dx_ref, dw_ref, *, N, W, BC)
     own = ((rows >= k * BLOCK_ROWS) & (rows < (k + 1) * BLOCK_ROWS))[:, None]
     dx = None
     for s in range(W):  # the outputs at rows + s, which read row `rows` through tap W - 1 - s
-        pre, taps, d_out = _pre(x_ref, w_ref, doc_ref, t0 + s, cols, W)
+        pre, d_out = _pre(x_ref, w_ref, doc_ref, t0 + s, cols, W)
         sig = _sigmoid(pre)
         dpre = dy_ref[pl.ds(t0 + s, BLOCK_ROWS), cols].astype(jnp.float32) * (
             sig * (1.0 + pre * (1.0 - sig)))
@@ -111,10 +118,12 @@ def _backward_kernel(x_ref, w_ref, doc_ref, dy_ref, dx_ref, dw_ref, *, N, W, BC)
         if s:
             term = jnp.where((doc_ref[pl.ds(t0, BLOCK_ROWS)] == d_out)[:, None], term, 0.0)
         dx = term if dx is None else dx + term
-        if s == 0:  # this tile's own outputs: their share of every tap's weight gradient
+        if s == 0:  # this tile's own outputs: their share of every tap's weight gradient (the
+            # taps loaded again, from the cache, rather than held in registers since `pre`)
             owned = jnp.where(own, dpre, 0.0)
             for i in range(W):
-                dw_ref[k, i, cols] = jnp.sum(taps[i] * owned, axis=0)
+                tap = _tap(x_ref, doc_ref, d_out, t0, cols, W - 1 - i)
+                dw_ref[k, i, cols] = jnp.sum(tap * owned, axis=0)
     dx_ref[pl.ds(t0, BLOCK_ROWS), cols] = dx.astype(dx_ref.dtype)
 
 
@@ -176,7 +185,7 @@ def _bwd(interpret, res, dy):
         functools.partial(_backward_kernel, N=N, W=W, BC=block_channels(C)),
         grid=_grid(N, C), in_specs=[whole] * 4, out_specs=[whole, whole],
         out_shape=[jax.ShapeDtypeStruct((N, C), x.dtype),
-                   jax.ShapeDtypeStruct((tiles, W, C), jnp.float32)], num_warps=4, num_stages=1,
+                   jax.ShapeDtypeStruct((tiles, W, C), jnp.float32)], num_warps=8, num_stages=1,
         interpret=_interpret(interpret), name="short_conv_silu_bwd")(x, w.astype(jnp.float32), doc, dy)
     dw = jnp.sum(dw_parts, axis=0)
     # The first W - 1 rows: their input gradients take every output up to row 2W - 3 (a slab of
