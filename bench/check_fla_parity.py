@@ -114,7 +114,10 @@ def main(argv=None) -> int:
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=gen)
 
     def fla_logits(m):
-        with torch.enable_grad():  # FLA picks its chunk kernel when autograd is on
+        # FLA's layer takes its chunk kernel whenever autograd is on, whatever attn_mode says
+        # (fla/layers/gated_deltanet.py); without grad and for T > 64 it takes attn_mode.
+        grad = torch.enable_grad() if args.fla_mode == "chunk" else torch.no_grad()
+        with grad:
             return m(tokens.to(device)).logits.detach().float().cpu().numpy()
 
     def rel(a, b):

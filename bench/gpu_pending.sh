@@ -154,7 +154,11 @@ multi2|multi2_ctx)
         two mgpu_ctx2 250 --batch 1 --seq 32768 --steps 4 --context 2 --profile /tmp/prof_ctx
     fi ;;
 scale)
-    step longest_seq 540 python3 bench/longest_seq.py --timeout 100 --max_trials 4 ;;
+    # Three runs of ~150 s each (the 1.3B step's start-up and compile; 100 s per run was too short
+    # on 2026-12-04): T = 8192 and 16384 draw the memory line, the third checks its prediction.
+    # JAX may take 95% of the GPU here, not its default 75%.
+    step longest_seq 540 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python3 bench/longest_seq.py \
+        --timeout 170 --max_trials 3 ;;
 train_profile)
     # issue 13: where the fla_gdn_1.3b step's time goes, by model scope (forward and backward)
     # The trace and the step's HLO come back (xz) so the op table can be read again here.

@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_throughput.py")
 
@@ -29,12 +30,18 @@ def trial(args, T: int) -> dict:
     """One run at sequence length T: {"T", "ok", "peak" (GiB), "limit" (GiB), "tok_s", "why"}."""
     cmd = [sys.executable, BENCH, "--config", args.config, "--batch", "1", "--seq", str(T),
            "--steps", "1", "--warmup", "1", "--context", str(args.context), *args.bench]
+    t0 = time.time()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         text, ok = out.stdout + out.stderr, out.returncode == 0
-    except subprocess.TimeoutExpired:
-        return {"T": T, "ok": False, "why": f"timed out after {args.timeout} s"}
-    r = {"T": T, "ok": ok}
+    except subprocess.TimeoutExpired as e:
+        # Where it was when killed (compiling, or in a step) is the last line it printed.
+        partial = "".join(x.decode() if isinstance(x, bytes) else x
+                          for x in (e.stdout, e.stderr) if x)
+        last = [l for l in partial.strip().splitlines() if l.strip()][-1:] or ["(no output)"]
+        return {"T": T, "ok": False, "seconds": args.timeout,
+                "why": f"timed out after {args.timeout} s; last output: {last[0][:100]}"}
+    r = {"T": T, "ok": ok, "seconds": round(time.time() - t0)}
     m = re.search(r"peak memory\s+([0-9.]+) GiB \(device 0, of ([0-9.]+) GiB\)", text)
     if m:
         r["peak"], r["limit"] = float(m[1]), float(m[2])
@@ -51,7 +58,8 @@ def trial(args, T: int) -> dict:
 def show(r: dict) -> None:
     if r["ok"]:
         peak = f"{r['peak']:.2f} of {r['limit']:.2f} GiB" if "peak" in r else "peak n/a"
-        print(f"T = {r['T']:>8}: ran, {peak}, {r.get('tok_s', 0):,} tokens/s", flush=True)
+        print(f"T = {r['T']:>8}: ran, {peak}, {r.get('tok_s', 0):,} tokens/s ({r['seconds']} s "
+              "with start-up and compile)", flush=True)
     else:
         print(f"T = {r['T']:>8}: failed ({r['why']})", flush=True)
 
@@ -63,7 +71,9 @@ def main():
     p.add_argument("--start", type=int, default=8192, help="first T (must run)")
     p.add_argument("--granule", type=int, default=4096, help="T step of the search, tokens")
     p.add_argument("--max_trials", type=int, default=8)
-    p.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    p.add_argument("--timeout", type=int, default=900,
+                   help="seconds per run, start-up and compile included (the 1.3B step compiles "
+                        "for over 100 s on an H200)")
     p.add_argument("bench", nargs=argparse.REMAINDER, help="-- then train_throughput.py args")
     args = p.parse_args()
     args.bench = [a for a in args.bench if a != "--"]
@@ -87,10 +97,10 @@ def main():
             per_token = (b["peak"] - a["peak"]) / (b["T"] - a["T"])
             guess = int((b["limit"] - b["peak"]) / per_token + b["T"]) // g * g
             print(f"predicted from the line through the first two: T = {guess}", flush=True)
-            if guess > good:
+            if guess > good and len(results) < args.max_trials:
                 r = run(guess)
                 good, bad = (guess, None) if r["ok"] else (good, guess)
-            if bad is None:
+            if bad is None and len(results) < args.max_trials:
                 r = run(good + g)
                 good, bad = (good, good + g) if not r["ok"] else (good + g, None)
     elif b is not None:
