@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_throughput.py")
@@ -31,14 +32,27 @@ def trial(args, T: int) -> dict:
     cmd = [sys.executable, BENCH, "--config", args.config, "--batch", "1", "--seq", str(T),
            "--steps", "1", "--warmup", "1", "--context", str(args.context), *args.bench]
     t0 = time.time()
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        text, ok = out.stdout + out.stderr, out.returncode == 0
-    except subprocess.TimeoutExpired as e:
-        # Where it was when killed (compiling, or in a step) is the last line it printed.
-        partial = "".join(x.decode() if isinstance(x, bytes) else x
-                          for x in (e.stdout, e.stderr) if x)
-        last = [l for l in partial.strip().splitlines() if l.strip()][-1:] or ["(no output)"]
+    # Read as it prints: the run is over at its "last loss" line. On the GPU a 1.3B run has then
+    # sat for minutes before exiting (2026-12-04, cause not found), so it is killed there.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, done = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("last loss"):
+                done.set()
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    finished = done.wait(args.timeout)
+    text = "".join(lines)
+    ok = "last loss" in text or (proc.poll() == 0)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    if not finished:
+        last = [l for l in text.strip().splitlines() if l.strip()][-1:] or ["(no output)"]
         return {"T": T, "ok": False, "seconds": args.timeout,
                 "why": f"timed out after {args.timeout} s; last output: {last[0][:100]}"}
     r = {"T": T, "ok": ok, "seconds": round(time.time() - t0)}
