@@ -6,7 +6,7 @@
 
 1. FLA builds GatedDeltaNetForCausalLM(config) with random weights (every tensor redrawn, as in
    bench/make_fla_fixtures.py), saves it with save_pretrained (float32) and computes its logits on
-   random tokens with the chunk kernel.
+   random tokens with the kernel of --fla_mode.
 2. gdn_jax imports the directory (load_fla_checkpoint, float32, the first impl of --gdn_impls;
    "auto" is Pallas on a GPU) and computes the logits of the same tokens: import error =
    |ours - FLA| / |FLA| (Frobenius).
@@ -18,8 +18,8 @@
 Both sides compute in float32 throughout: JAX's matmuls at "highest" precision, PyTorch's with TF32
 off, and FLA's layers in --fla_mode "fused_recurrent" (default), whose recurrence is elementwise
 float32. FLA's "chunk" kernels run their float32 dots as TF32 (Triton's default for float32 tl.dot):
-at the 1.3B size their logits differ from exact float32 by about 1.5e-3 (H200, 2026-12-03), which
-would hide the import's own error.
+at the 1.3B size their logits differ from exact float32 by about 1.5e-3 (H200, 2026-12-03/04), which
+would hide the import's own error (2.2e-5 in exact float32, docs/interop.md).
 
 Prints one line per error and writes them with the versions and the command to --out (JSON).
 """

@@ -12,8 +12,8 @@ train.py never trains on), and written to --tasks_dir as YAML over JSONL:
   stdlib_ppl        loglikelihood_rolling over the first 4000 characters of each file
 With --hf the run is exported with export-fla (float32), given a tokenizer.json that encodes as the
 run's tokenizer does (for byte-tokenizer runs: a byte-level BPE with no merges, id = byte), and
-lm-eval's hf backend (PyTorch, transformers, FLA's kernels) runs the same tasks. Both sides compute
-in float32 with a window of --hf_max_length tokens (so neither cuts a context, and rolling windows
+lm-eval's hf backend (PyTorch, transformers, FLA's kernels: --hf_fla_mode, exact float32 by default)
+runs the same tasks. Both sides compute in float32 with a window of --hf_max_length tokens (so neither cuts a context, and rolling windows
 match: rolling_window on our side). Agreement: max |log p ours - log p hf| per request type, and the
 fraction of equal greedy flags and generations. Prints a summary; --out writes it as JSON.
 """
@@ -197,6 +197,10 @@ def main(argv=None) -> int:
     p.add_argument("--hf", action="store_true", help="also FLA through lm-eval's hf backend")
     p.add_argument("--hf_batch_size", type=int, default=16)
     p.add_argument("--hf_max_length", type=int, default=4096)
+    p.add_argument("--hf_fla_mode", default="fused_recurrent", choices=("fused_recurrent", "chunk"),
+                   help="FLA's kernel in the hf run (config attn_mode; lm-eval runs without "
+                        "autograd, so FLA takes it for T > 64): fused_recurrent is exact float32, "
+                        "chunk runs its float32 dots as TF32")
     p.add_argument("--out", default=None, help="JSON summary")
     args = p.parse_args(argv)
 
@@ -226,6 +230,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def set_fla_mode(fla_dir: str, mode: str) -> None:
+    """Writes FLA's kernel choice (attn_mode) into an exported config.json."""
+    path = os.path.join(fla_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["attn_mode"] = mode
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def run_hf(args, tasks_dir: str, ours: dict, lm) -> dict:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import make_fla_fixtures
@@ -242,12 +256,14 @@ def run_hf(args, tasks_dir: str, ours: dict, lm) -> dict:
     export_fla(args.workdir, fla_dir, step=args.step, dtype="float32", overwrite=True)
     if lm.run.cfg.data.tokenizer == "bytes":
         byte_tokenizer_files(fla_dir)
+    set_fla_mode(fla_dir, args.hf_fla_mode)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_lm = HFLM(pretrained=fla_dir, dtype="float32", device=device,
                  batch_size=args.hf_batch_size, max_length=args.hf_max_length,
                  add_bos_token=bool(lm.encoder.context_prefix))
     hf, times = evaluate(hf_lm, tasks_dir, args.limit)
     return {"device": device, "torch": torch.__version__, "fla_dir": fla_dir,
+            "fla_mode": args.hf_fla_mode,
             "results": lm_eval_tasks.json_ready(hf["results"]), "time": times,
             "agreement": agreement(ours, hf)}
 

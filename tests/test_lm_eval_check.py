@@ -38,3 +38,11 @@ def test_byte_tokenizer_json_encodes_as_the_byte_tokenizer(tmp_path):
     assert hf.encode(text) == ByteTokenizer().encode(text)
     assert hf.decode(hf.encode(text)) == text
     assert (hf.vocab_size, hf.bos_id, hf.eos_id) == (258, 256, 257)
+
+
+def test_fla_mode_is_written_into_the_exported_config(tmp_path):
+    config = {"model_type": "gated_deltanet", "attn_mode": "chunk", "hidden_size": 64}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    lm_eval_check.set_fla_mode(str(tmp_path), "fused_recurrent")
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written == dict(config, attn_mode="fused_recurrent")
