@@ -14,6 +14,7 @@
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1
 #   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope
+#   bash bench/gpu_pending.sh train_flags  # issue 13: cuBLAS for every GEMM, overlap flags off, vs default
 #   bash bench/gpu_pending.sh lm_eval_a    # issue 16, first of two calls: lm-eval's pyarrow (carry .lmw_a)
 #   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA (carry .whl, .lmw_b)
 #   bash bench/gpu_pending.sh multi2       # issue 15, on nvidia-h200-x2: 1 GPU against data parallel and FSDP on 2
@@ -24,7 +25,7 @@
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA, FLA, new and old Mosaic defaults, K = 128
 #   bash bench/gpu_pending.sh flashqla_h16 # issue 10: the short form (h16k128, new defaults only)
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh five|split|train|conv|cmdbuf|decode|multi2|multi2_ctx|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
+part=${1:?"usage: bash bench/gpu_pending.sh five|split|train|train_flags|conv|cmdbuf|decode|multi2|multi2_ctx|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -75,6 +76,17 @@ conv)
     step conv_train_pallas 220 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
         --set model.conv_impl=pallas
     step conv_train_xla 220 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 ;;
+train_flags)
+    # issue 13: XLA's GEMM choice and scheduling for the fla_gdn_1.3b step, each beside the default
+    # in one call. Prediction (docs/benchmarks.md, 2026-12-04): cuBLAS for every GEMM (XLA's Triton
+    # GEMM fusions off) -3 to -9 ms a step if its kernels beat the Triton fusions by ~20% on a
+    # third of the 175 ms of matmuls, less the converts it can no longer fuse; the overlap flags
+    # (latency-hiding scheduler) off on one GPU: 0 +- 2 ms, there are no collectives to hide.
+    step flags_default 140 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8
+    step flags_cublas 140 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 \
+        bench/train_throughput.py --config fla_gdn_1.3b --steps 8
+    step flags_no_overlap 140 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
+        --no_overlap_flags ;;
 kernels)
     # The Mosaic defaults at K <= 128 (fused key grads, two-warpgroup reverse) against the old ones,
     # each shape's default checked first (t16k runs them under context parallelism: segments).
