@@ -86,13 +86,21 @@ def chunk_fn(q, k, v, g, beta):
 
 
 def fwd_and_grad(fn, dO):
+    """(forward, forward+backward) of fn(q, k, v, g, beta) -> (o, S), both jitted. The second
+    returns (o, S, grads under the cotangents (dO, 1e-3)), as a training step uses them: o goes on
+    to the next layer, so its kernels must run. Until 2026-12-04 it returned the gradients of
+    vdot(o, dO) + 1e-3 sum(S) alone; o and S were then dead code, and XLA dropped the forward's
+    output sweep (a Pallas call has no side effects), so every forward+backward time before then
+    lacks the forward's sweep (docs/benchmarks.md, "The forward+backward times lacked the forward
+    sweep")."""
     fwd = jax.jit(lambda *a: fn(*a)[0])
 
-    def loss(*a):
-        o, S = fn(*a)
-        return jnp.vdot(o.astype(jnp.float32), dO) + 1e-3 * jnp.sum(S)
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-    return fwd, grad
+    @jax.jit
+    def fwd_bwd(*a):
+        (o, S), pullback = jax.vjp(fn, *a)
+        grads = pullback((dO.astype(o.dtype), jnp.full(S.shape, 1e-3, S.dtype)))
+        return o, S, grads
+    return fwd, fwd_bwd
 
 
 def time_jax(f, args, iters, per_batch=10):
@@ -135,14 +143,14 @@ def reference(args, dO):
     with jax.default_matmul_precision("highest"):
         ref_args = [a.astype(jnp.float32) for a in args]
         o_ref, S_ref = jax.jit(chunk_fn)(*ref_args)
-        return o_ref, S_ref, fwd_and_grad(chunk_fn, dO)[1](*ref_args)
+        return o_ref, S_ref, fwd_and_grad(chunk_fn, dO)[1](*ref_args)[2]
 
 
 def check(fn, args, dO, ref):
     """Relative errors of fn (bf16 inputs) against ref = reference(args, dO)."""
     o_ref, S_ref, g_ref = ref
     o, S = jax.jit(fn)(*args)
-    grads = fwd_and_grad(fn, dO)[1](*args)
+    grads = fwd_and_grad(fn, dO)[1](*args)[2]
     errs = {"o": rel(o, o_ref), "S": rel(S, S_ref)}
     errs.update({f"d{n}": rel(a, b) for n, a, b in zip(("q", "k", "v", "g", "beta"), grads, g_ref)})
     errs["finite"] = bool(all(jnp.isfinite(x).all() for x in (o, S, *grads)))

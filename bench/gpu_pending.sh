@@ -15,6 +15,8 @@
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1
 #   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope
 #   bash bench/gpu_pending.sh train_flags  # issue 13: cuBLAS for every GEMM, overlap flags off, vs default
+#   bash bench/gpu_pending.sh honest_k256  # Kernels v2 re-measured with the fixed fwd+bwd: K = 256 shapes, FLA
+#   bash bench/gpu_pending.sh honest_k128  # the same at K = 128, with FlashQLA (carry .anchors)
 #   bash bench/gpu_pending.sh lm_eval_a    # issue 16, first of two calls: lm-eval's pyarrow (carry .lmw_a)
 #   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA (carry .whl, .lmw_b)
 #   bash bench/gpu_pending.sh multi2       # issue 15, on nvidia-h200-x2: 1 GPU against data parallel and FSDP on 2
@@ -25,7 +27,7 @@
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA, FLA, new and old Mosaic defaults, K = 128
 #   bash bench/gpu_pending.sh flashqla_h16 # issue 10: the short form (h16k128, new defaults only)
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh five|split|train|train_flags|conv|cmdbuf|decode|multi2|multi2_ctx|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
+part=${1:?"usage: bash bench/gpu_pending.sh honest_k256|honest_k128|five|split|train|train_flags|conv|cmdbuf|decode|multi2|multi2_ctx|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -76,12 +78,30 @@ conv)
     step conv_train_pallas 220 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
         --set model.conv_impl=pallas
     step conv_train_xla 220 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 ;;
+honest_k256|honest_k128)
+    # Kernels v2 re-measured with the fixed forward+backward (bench_kernels.fwd_and_grad now returns
+    # o and S, so the forward's output sweep is no longer dead code; docs/benchmarks.md, "The
+    # forward+backward times lacked the forward's output sweep"). Kernels unchanged since run N,
+    # where each was checked with gradients on the GPU. Predictions (that section's table):
+    # fla1.3b ~3.30 ms (~0.98x FLA), paper1.3b 4.5-4.8 (0.92-0.97x), h6k256v512 ~2.0 (~1.4x),
+    # split_output ~2.67 at fla1.3b; h16k128 ~1.26 (~2.1x FLA, ~0.95x FlashQLA), qwen3next ~1.39
+    # (~1.7x), t16k <= 2.18 (>= 1.34x). honest_k128 needs .anchors carried (FlashQLA).
+    if [ "$part" = honest_k256 ]; then
+        step honest_k256 560 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 \
+            bench/bench_kernels.py --shapes fla1.3b,paper1.3b,h6k256v512 --iters 20 --rounds 2 \
+            --no-chunk --no-check --variants triton,triton-so1
+    else
+        mkdir -p /tmp/siteq && tar -xJf .anchors/qla.tar.xz -C /tmp/siteq
+        step honest_k128 560 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 \
+            bench/bench_kernels.py --shapes h16k128,qwen3next,t16k --iters 20 --rounds 2 \
+            --no-chunk --no-check --variants mosaic,triton --flashqla-site /tmp/siteq
+    fi ;;
 train_flags)
     # issue 13: XLA's GEMM choice and scheduling for the fla_gdn_1.3b step, each beside the default
     # in one call. Prediction (docs/benchmarks.md, 2026-12-04): cuBLAS for every GEMM (XLA's Triton
-    # GEMM fusions off) -3 to -9 ms a step if its kernels beat the Triton fusions by ~20% on a
-    # third of the 175 ms of matmuls, less the converts it can no longer fuse; the overlap flags
-    # (latency-hiding scheduler) off on one GPU: 0 +- 2 ms, there are no collectives to hide.
+    # GEMM fusions off) -2 to +2 ms a step (the trace has only ~7.6 ms a step in Triton GEMM
+    # fusions, the rest of the 175 ms already cuBLAS); the overlap flags (latency-hiding
+    # scheduler) off on one GPU: 0 +- 2 ms, there are no collectives to hide.
     step flags_default 140 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8
     step flags_cublas 140 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 \
         bench/train_throughput.py --config fla_gdn_1.3b --steps 8

@@ -36,3 +36,24 @@ def test_breakdown_times_every_kernel_of_each_variant(capsys, tmp_path):
     assert "sweep output + residuals (kept)" in rows["tiny triton-kr1"]
     assert "sweep residuals" not in rows["tiny triton-kr1"]
     assert all(ms > 0 for row in rows.values() for ms in row.values())
+
+
+def test_forward_backward_returns_the_output_with_the_gradients():
+    """The timed forward+backward must return o and S: when it returned only the gradients, XLA
+    dropped the forward's output sweep as dead code and the times lacked it (2026-12-04)."""
+    import jax
+    import jax.numpy as jnp
+
+    args, dO = bench_kernels.make_inputs(bench_kernels.SMOKE["tiny"], dtype=jnp.float32)
+    fwd, fwd_bwd = bench_kernels.fwd_and_grad(bench_kernels.chunk_fn, dO)
+    o, S, grads = fwd_bwd(*args)
+    o_ref, S_ref = jax.jit(bench_kernels.chunk_fn)(*args)
+    assert jnp.allclose(o, o_ref, rtol=1e-5, atol=1e-5) and jnp.allclose(S, S_ref, rtol=1e-5, atol=1e-5)
+    assert jnp.allclose(fwd(*args), o_ref, rtol=1e-5, atol=1e-5)
+
+    def loss(*a):
+        o, S = bench_kernels.chunk_fn(*a)
+        return jnp.vdot(o, dO) + 1e-3 * jnp.sum(S)
+    expected = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*args)
+    for got, want in zip(grads, expected):
+        assert jnp.allclose(got, want, rtol=1e-4, atol=1e-5)
