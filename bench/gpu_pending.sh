@@ -15,6 +15,7 @@
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1
 #   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope
 #   bash bench/gpu_pending.sh train_flags  # issue 13: cuBLAS for every GEMM, overlap flags off, vs default
+#   bash bench/gpu_pending.sh train_split  # issue 13: split_output (now the K > 128 default) in the step, remat dots_gdn
 #   bash bench/gpu_pending.sh honest_k256  # Kernels v2 re-measured with the fixed fwd+bwd: K = 256 shapes, FLA
 #   bash bench/gpu_pending.sh honest_k128  # the same at K = 128, with FlashQLA (carry .anchors)
 #   bash bench/gpu_pending.sh lm_eval_a    # issue 16, first of two calls: lm-eval's pyarrow (carry .lmw_a)
@@ -27,7 +28,7 @@
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA, FLA, new and old Mosaic defaults, K = 128
 #   bash bench/gpu_pending.sh flashqla_h16 # issue 10: the short form (h16k128, new defaults only)
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh honest_k256|honest_k128|five|split|train|train_flags|conv|cmdbuf|decode|multi2|multi2_ctx|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
+part=${1:?"usage: bash bench/gpu_pending.sh honest_k256|honest_k128|five|split|train|train_split|train_flags|conv|cmdbuf|decode|multi2|multi2_ctx|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -96,6 +97,20 @@ honest_k256|honest_k128)
             bench/bench_kernels.py --shapes h16k128,qwen3next,t16k --iters 20 --rounds 2 \
             --no-chunk --no-check --variants mosaic,triton --flashqla-site /tmp/siteq
     fi ;;
+train_split)
+    # issue 13: the kernels' new K > 128 default (split_output: forward+backward 3.291 -> 2.666 ms
+    # at this layer) in the fla_gdn_1.3b step, against the old default in the same call, then with
+    # remat "dots_gdn" (saves matmul outputs, the recurrence's output and its kernels' residuals;
+    # recomputes elementwise chains only). Predictions (docs/benchmarks.md, 2026-12-04): split
+    # -13 ms a step (21 x 0.625) for +9.8 GiB (21 x 0.5 GB of states and Vnew), ~64 GiB, over the
+    # 57 GiB bound; dots_gdn gives back ~14 GiB of elementwise activations for +5 to +15 ms.
+    step split_on 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8
+    step split_off 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
+        --launch split_output=0
+    step split_dots_gdn 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
+        --remat dots_gdn
+    step split_off_dots_gdn 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
+        --remat dots_gdn --launch split_output=0 ;;
 train_flags)
     # issue 13: XLA's GEMM choice and scheduling for the fla_gdn_1.3b step, each beside the default
     # in one call. Prediction (docs/benchmarks.md, 2026-12-04): cuBLAS for every GEMM (XLA's Triton

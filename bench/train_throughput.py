@@ -50,7 +50,7 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay float32)")
-    p.add_argument("--remat", default=None, help="none | full | dots | dots_no_batch")
+    p.add_argument("--remat", default=None, help="none | full | dots | dots_no_batch | dots_gdn")
     p.add_argument("--gdn_impl", default=None, help="scan | chunk | pallas | auto")
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--fsdp", type=int, nargs="?", const=-1, default=1,
@@ -63,6 +63,9 @@ def main():
     p.add_argument("--collectives", action="store_true",
                    help="print the compiled step's collectives (count, bytes)")
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides, as in train.py")
+    p.add_argument("--launch", nargs="*", default=[], metavar="KEY=INT",
+                   help="Pallas launch parameters for every GDN kernel call, e.g. split_output=0 "
+                        "(kernels_pallas.launch_defaults)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, trace 3 more steps into DIR and print GPU time per op group")
     p.add_argument("--distributed", choices=("off", "auto", "manual"), default=None)
@@ -110,6 +113,16 @@ def main():
         overrides.append(f"train.grad_reduce_dtype={args.grad_reduce_dtype}")
     cfg = experiment.apply_overrides(experiment.get_config(args.config), overrides + args.set)
     mesh_lib.check_config(cfg, n_dev)
+    from kernels_pallas import launch_defaults
+
+    launch = {}
+    for item in args.launch:
+        key, sep, value = item.partition("=")
+        if not sep or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--launch takes KEY=INT, got {item!r}")
+        launch[key] = int(value)
+    # Entered for the rest of the run: the step is traced at its first call.
+    launch_defaults(**launch).__enter__()
     mesh = mesh_lib.make_mesh(cfg.mesh)
     trainer = step_lib.build(cfg, mesh)
     state, rest = trainer.init_fn(), trainer.rest_fn()
@@ -163,6 +176,7 @@ def main():
             f"mesh {dict(mesh.shape)} | batch {G} x {args.seq} | dtype {cfg.model.dtype} | "
             f"remat {cfg.model.remat} | gdn_impl {cfg.model.gdn_impl} | grads reduced in "
             f"{cfg.train.grad_reduce_dtype} | overlap flags {'off' if args.no_overlap_flags else 'on'}"
+            f"{' | launch ' + str(launch) if launch else ''}"
         )
         print(f"{'step time':<24}{dt * 1e3:10.1f} ms   (mean of {args.steps} steps dispatched as "
               f"train.py does, one step ahead of the host)")

@@ -26,7 +26,7 @@ MIXER_KINDS = {
     "S": "sliding-window attention",
     "A": "full causal attention",
 }
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_gdn")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon (all norms)
     init_std: float = 0.02  # std of the normal init of embeddings, projections and convs
     dtype: str = "bfloat16"  # compute dtype of activations and matmuls; params stay float32
-    remat: str = "none"  # per-block rematerialisation: "none" | "full" | "dots" | "dots_no_batch"
+    remat: str = "none"  # per-block rematerialisation: one of REMAT_POLICIES (gdn_jax/model.py)
     # Gated DeltaNet / DeltaNet mixers ("G", "D").
     gdn_num_heads: int = 2  # q/k heads H
     gdn_head_dim: int = 32  # q/k head dim K, features

@@ -23,12 +23,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gdn_jax import context_parallel
-from gdn_jax.layers import RMSNorm, SwiGLU, make_mixer
+from gdn_jax.layers import RMSNorm, SwiGLU, gated_deltanet, make_mixer
+from kernels_pallas.gated_delta_rule import RESIDUALS_NAME
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # matmul outputs, the GDN recurrence's output and what its kernels keep for their backward: the
+    # backward recomputes only elementwise chains (norms, convs, gates, SwiGLU's product), never a
+    # GDN kernel
+    "dots_gdn": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable,
+        jax.checkpoint_policies.save_only_these_names(gated_deltanet.OUTPUT_NAME,
+                                                      RESIDUALS_NAME)),
 }
 
 

@@ -4,6 +4,6 @@ Callers use `gdn_jax.ops.gated_delta_rule(..., impl="pallas")`; on a machine wit
 kernels run in Pallas interpret mode.
 """
 
-from kernels_pallas.gated_delta_rule import pallas_gated_delta_rule
+from kernels_pallas.gated_delta_rule import launch_defaults, pallas_gated_delta_rule
 
-__all__ = ["pallas_gated_delta_rule"]
+__all__ = ["launch_defaults", "pallas_gated_delta_rule"]

@@ -8,20 +8,25 @@ Two lowerings share this driver; `SWEEPS` (one table) says what differs between 
             The chunk-parallel kernels stay on Triton.
 
 Residuals: the inputs and T = (I + A)^-1 ([B, T, HV, C] in the matmul dtype, like a C-wide head).
-The backward recomputes the per-chunk states and Vnew (one sequential sweep) instead of keeping them:
-they are [B, T/C, HV, K, V], K/C (= 2 at K = 128) times the size of v per layer, which would
-dominate a training step's activation memory, while recomputing them costs about one forward sweep.
+By default at K <= 128 the backward recomputes the per-chunk states and Vnew (one sequential sweep)
+instead of keeping them: they are [B, T/C, HV, K, V], K/C (= 2 at K = 128) times the size of v per
+layer, while recomputing them costs about one forward sweep. At K > 128 on the Triton sweeps the
+forward keeps them (`split_output`, bf16): measured 19-20% faster forward+backward there, for
+~0.5 GB a layer more at fla_gdn_1.3b's batch (docs/benchmarks.md).
 With context parallelism (`Tiling.segments` > 1, context_parallel.py) the segments' transitions and
 entering states are kept too ([B, P, HV, K, K + V] float32, small).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from kernels_pallas import (backward, forward, mosaic_chunk_grads, mosaic_common, mosaic_grads,
                             mosaic_prepare, mosaic_sweeps)
@@ -183,9 +188,15 @@ def _chunked(q, k, v, g, beta, initial_state, docs, t: Tiling):
     return _forward(q, k, v, g, beta, initial_state, docs, t)[0]
 
 
+# The name of what the forward makes for the backward (T, segments' joins, kept states), so a remat
+# policy can save it (gdn_jax/model.py's "dots_gdn") instead of rerunning the forward's kernels.
+RESIDUALS_NAME = "gdn_kernel_residuals"
+
+
 def _chunked_fwd(q, k, v, g, beta, initial_state, docs, t):
     keep = (t.keep_residuals or t.split_output) and t.segments == 1
-    out, (T, segments, kept) = _forward(q, k, v, g, beta, initial_state, docs, t, keep=keep)
+    out, made = _forward(q, k, v, g, beta, initial_state, docs, t, keep=keep)
+    T, segments, kept = checkpoint_name(made, RESIDUALS_NAME)
     return out, (q, k, v, g, beta, initial_state, docs, T, segments, kept)
 
 
@@ -296,7 +307,7 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
                 block_v=None, residual_block_v=None, inner_block_v=None, block_k=64, num_warps=4,
                 num_stages=1, sweep_warps=4, sweep_stages=None, mosaic_stages=None,
                 mosaic_warpgroups=None, reverse_warpgroups=None, key_grads=None, keep_residuals=False,
-                split_output=False, mosaic_prepare=False, segments=None, loop_stages=None,
+                split_output=None, mosaic_prepare=False, segments=None, loop_stages=None,
                 interpret=None) -> Tiling:
     """The launch spec for head dims K, V (padded here: `padded_head_dims`), with the defaults below
     filled in. The keyword launch parameters are those `pallas_gated_delta_rule` passes on."""
@@ -351,6 +362,14 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
         loop_stages = 3 if sweeps == "triton" and Kp > 128 and itemsize == 2 else 1
     if not isinstance(loop_stages, int) or loop_stages < 1:
         raise ValueError(f"loop_stages must be an integer >= 1, got {loop_stages!r}")
+    if split_output is None:
+        # H200, 2026-12-04 (docs/benchmarks.md, "Kernels v2 re-measured"), forward+backward with the
+        # forward's outputs live: fla_gdn_1.3b's layer (K = 256, V = 512) 3.291 -> 2.666 ms (FLA
+        # 3.248), the paper's (K = 200, V = 400) 4.523 -> 3.610 (FLA 4.417), (2, 4096, 6, 256, 512)
+        # 1.972 -> 1.561; forward alone 0.919 -> 0.980, 1.328 -> 1.156, 0.597 -> 0.632. The price is
+        # memory: 2 (K V / C + V) bytes per token and value head held from forward to backward
+        # (~0.5 GB a layer at fla_gdn_1.3b's B x T = 4 x 4096). Measured at 16-bit inputs only.
+        split_output = sweeps == "triton" and Kp > 128 and itemsize == 2
 
     def stages_for(bv):  # given, or two where they fit shared memory
         if sweep_stages is not None:
@@ -401,6 +420,29 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
     return t
 
 
+_LAUNCH = contextvars.ContextVar("pallas_launch_defaults", default={})
+
+
+@contextlib.contextmanager
+def launch_defaults(**params):
+    """Launch parameters (`make_tiling`'s keywords) for every Pallas call traced inside the block,
+    e.g. `with launch_defaults(split_output=False): jax.jit(step).lower(...)`: how a model built on
+    `gdn_jax.ops.gated_delta_rule` is tried with another launch without changing the op's
+    signature. Parameters a call passes itself win. Only tracing sees them: a function compiled
+    before the block keeps its launch. Unknown names raise ValueError here."""
+    import inspect
+    known = set(inspect.signature(make_tiling).parameters) - {
+        "B", "T", "H", "HV", "K", "V", "chunk_size", "scale", "has_docs", "dtype"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"launch_defaults: unknown launch parameter(s) {unknown}; known: {sorted(known)}")
+    token = _LAUNCH.set({**_LAUNCH.get(), **params})
+    try:
+        yield
+    finally:
+        _LAUNCH.reset(token)
+
+
 def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, chunk_size, **launch):
     """Same contract as `gdn_jax.chunked.chunk_gated_delta_rule` (T a multiple of chunk_size).
 
@@ -427,8 +469,8 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
         (states entering each chunk and Vnew) and forms O in a chunk-parallel kernel
         (`forward.output_from_states`) instead of inside the sweep; a differentiated call keeps
         those residuals, so its backward has no residual sweep (the memory of keep_residuals;
-        default False: -0.13 ms forward+backward at fla_gdn_1.3b's layer for ~0.5 GB more held,
-        docs/benchmarks.md run N);
+        default: on with the Triton sweeps at K > 128 and 16-bit inputs, where it took
+        forward+backward 19-20% faster, docs/benchmarks.md 2026-12-04; off elsewhere);
       mosaic_prepare: with the Mosaic sweeps, T = (I + A)^-1 on Mosaic too (mosaic_prepare.py;
         default False until measured);
       keep_residuals: with one segment, the forward of a differentiated call stores the states
@@ -448,7 +490,7 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, reset, ch
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     tiling = make_tiling(B=B, T=T, H=H, HV=HV, K=K, V=V, chunk_size=chunk_size, scale=scale,
-                         has_docs=reset is not None, dtype=q.dtype, **launch)
+                         has_docs=reset is not None, dtype=q.dtype, **{**_LAUNCH.get(), **launch})
     N, C, Kp, Vp = tiling.N, tiling.C, tiling.K, tiling.V
     chunked = lambda x: x.reshape(B, N, C, *x.shape[2:])
     q_, k_ = (chunked(_pad_last(x, tiling.key_width)) for x in (q, k))

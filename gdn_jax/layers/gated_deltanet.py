@@ -22,12 +22,16 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from gdn_jax import context_parallel
 from gdn_jax.layers.conv import ShortConv
 from gdn_jax.layers.mlp import FusedLinear, linear
 from gdn_jax.layers.norms import GatedRMSNorm, small_param
 from gdn_jax.ops import decode_recurrence, gated_delta_rule
+
+# The recurrence's output o, named so a remat policy can keep it (gdn_jax/model.py's "dots_gdn").
+OUTPUT_NAME = "gdn_output"
 from gdn_jax.reference import repeat_heads
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -150,6 +154,7 @@ class GatedDeltaNet(nnx.Module):
         with jax.named_scope("gated_delta_rule"):
             o, S = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids,
                                     output_final_state=want, chunk_size=self.chunk_size, impl=self.impl)
+            o = checkpoint_name(o, OUTPUT_NAME)
         cache = dict(conv_q=cq, conv_k=ck, conv_v=cv, state=S) if want else None
         return self._output(o, gate_raw), cache
 
