@@ -98,19 +98,21 @@ honest_k256|honest_k128)
             --no-chunk --no-check --variants mosaic,triton --flashqla-site /tmp/siteq
     fi ;;
 train_split)
-    # issue 13: the kernels' new K > 128 default (split_output: forward+backward 3.291 -> 2.666 ms
-    # at this layer) in the fla_gdn_1.3b step, against the old default in the same call, then with
-    # remat "dots_gdn" (saves matmul outputs, the recurrence's output and its kernels' residuals;
-    # recomputes elementwise chains only). Predictions (docs/benchmarks.md, 2026-12-04): split
-    # -13 ms a step (21 x 0.625) for +9.8 GiB (21 x 0.5 GB of states and Vnew), ~64 GiB, over the
-    # 57 GiB bound; dots_gdn gives back ~14 GiB of elementwise activations for +5 to +15 ms.
-    step split_on 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8
+    # issue 13: the kernels' K > 128 default (split_output: forward+backward 3.291 -> 2.666 ms at
+    # this layer) in the fla_gdn_1.3b step against the old default in the same call, each with and
+    # without remat "dots_gdn" (saves matmul outputs, the recurrence's output and its kernels'
+    # residuals; recomputes elementwise chains only). The 2026-12-04 call measured the split rows
+    # (330.9 ms at 64.92 GiB; with dots_gdn 343.4-345.6 ms at 47.55 GiB), but its "off" rows ran
+    # split too (train_throughput's --launch scope was collected before the step was traced; fixed).
+    # Predictions: off/none ~345 ms at ~54.3 GiB (2026-12-03's row); off/dots_gdn ~357 ms at
+    # ~37 GiB (dots_gdn's +12.5 ms recompute, its -17.4 GiB less the split's 10.6).
     step split_off 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
-        --launch split_output=0
-    step split_dots_gdn 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
+        --set model.gdn_split_output=off
+    step split_auto 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8
+    step split_auto_dots_gdn 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
         --remat dots_gdn
     step split_off_dots_gdn 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
-        --remat dots_gdn --launch split_output=0 ;;
+        --remat dots_gdn --set model.gdn_split_output=off ;;
 train_flags)
     # issue 13: XLA's GEMM choice and scheduling for the fla_gdn_1.3b step, each beside the default
     # in one call. Prediction (docs/benchmarks.md, 2026-12-04): cuBLAS for every GEMM (XLA's Triton

@@ -121,8 +121,10 @@ def main():
         if not sep or not value.lstrip("-").isdigit():
             raise SystemExit(f"--launch takes KEY=INT, got {item!r}")
         launch[key] = int(value)
-    # Entered for the rest of the run: the step is traced at its first call.
-    launch_defaults(**launch).__enter__()
+    # Held open for the rest of main (the step is traced at its first call); a context manager
+    # entered without a reference would be collected, and its exit would undo the defaults.
+    launch_scope = launch_defaults(**launch)
+    launch_scope.__enter__()
     mesh = mesh_lib.make_mesh(cfg.mesh)
     trainer = step_lib.build(cfg, mesh)
     state, rest = trainer.init_fn(), trainer.rest_fn()

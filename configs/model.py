@@ -51,6 +51,10 @@ class ModelConfig:
     gdn_allow_neg_eigval: bool = False  # beta = 2 * sigmoid(.) in (0, 2) instead of sigmoid(.)
     gdn_impl: str = "auto"  # gated_delta_rule impl, one of gdn_jax.impls.IMPLS
     gdn_chunk_size: int = 64  # chunk length of the chunk / pallas paths, tokens (16, 32 or 64)
+    # "auto": the Pallas kernels' default (keep the per-chunk states from forward to backward with
+    # the Triton sweeps at K > 128 and 16-bit inputs: faster, ~0.5 GB a layer more at
+    # fla_gdn_1.3b's 4 x 4096); "off": recompute them in the backward (kernels_pallas split_output)
+    gdn_split_output: str = "auto"
     conv_impl: str = "auto"  # the GDN short convs: one of gdn_jax.impls.CONV_IMPLS
     # Decay init, g = -A * dt per token at init (FLA's recipe by default).
     gdn_A_init_max: float = 16.0  # A ~ U(0, gdn_A_init_max) per value head
@@ -79,6 +83,8 @@ class ModelConfig:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.gdn_impl not in GDN_IMPLS:
             raise ValueError(f"gdn_impl must be one of {GDN_IMPLS}, got {self.gdn_impl!r}")
+        if self.gdn_split_output not in ("auto", "off"):
+            raise ValueError(f"gdn_split_output must be 'auto' or 'off', got {self.gdn_split_output!r}")
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
         if self.attn_impl not in (None, "xla", "cudnn"):

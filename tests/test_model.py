@@ -99,6 +99,43 @@ def test_remat_gives_same_gradients():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("split, expected", [("auto", True), ("off", False)])
+def test_gdn_split_output_reaches_the_kernels(split, expected):
+    """model.gdn_split_output: "auto" leaves the kernels' default (at K = 256 with bf16 inputs the
+    forward keeps the states for the backward: the output is formed from them), "off" makes the
+    backward recompute them; a bad value is refused naming the field."""
+    from jaxpr_eqns import all_eqns
+    model = tiny("tiny", num_layers=1, dtype="bfloat16", gdn_impl="pallas_triton", gdn_head_dim=256,
+                 gdn_split_output=split)
+    graphdef, state = nnx.split(model)
+    tokens = jnp.zeros((1, 64), jnp.int32)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda s: _loss(nnx.merge(graphdef, s), tokens)))(state).jaxpr
+    names = [e.params["name"] for e in all_eqns(jaxpr) if e.primitive.name == "pallas_call"]
+    assert ("gdn_output_from_states" in names) is expected, names
+    assert ("gdn_sweep_residuals" in names) and (("gdn_sweep_output" in names) is not expected)
+    with pytest.raises(ValueError, match="gdn_split_output"):
+        get_model_config("tiny", gdn_split_output="on")
+
+
+def test_remat_dots_gdn_keeps_the_kernels_work_and_the_gradients():
+    """remat "dots_gdn" saves matmul outputs plus the GDN recurrence's output and its kernels'
+    residuals: the same gradients as no remat, and the compiled backward reruns no forward kernel
+    (in interpret mode each Pallas kernel compiles to a while loop: "dots" adds the forward's,
+    "dots_gdn" adds none)."""
+    tokens = jax.random.randint(jax.random.key(5), (1, 33), 0, 256)
+    grads, loops = {}, {}
+    for r in ("none", "dots", "dots_gdn"):
+        model = tiny("tiny", remat=r, num_layers=1, dtype="bfloat16", gdn_impl="pallas_triton")
+        graphdef, state = nnx.split(model)
+        fn = jax.jit(lambda st, t: jax.grad(lambda s: _loss(nnx.merge(graphdef, s), t))(st))
+        loops[r] = fn.lower(state, tokens).compile().as_text().count(" while(")
+        grads[r] = fn(state, tokens)
+    assert loops["dots_gdn"] == loops["none"] < loops["dots"], loops
+    for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["dots_gdn"])):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=1e-2, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny_deltanet", "tiny_mamba2", "tiny_transformer",
                                   "tiny_h1", "tiny_h2"])  # tiny_h1 covers SWA
 def test_training_steps_reduce_loss(name):

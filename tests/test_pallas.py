@@ -344,6 +344,58 @@ def test_triton_split_output_forms_the_same_output_and_gradients():
                     dtype=BF16, sweeps="mosaic", split_output=True)
 
 
+@pytest.mark.parametrize("K, dtype, sweeps, expected", [
+    (256, BF16, "triton", True), (200, BF16, "triton", True),  # padded to 256: the paper's layer
+    (256, jnp.float32, "triton", False), (128, BF16, "triton", False), (128, BF16, "mosaic", False)])
+def test_split_output_is_the_default_where_it_was_measured_faster(K, dtype, sweeps, expected):
+    """split_output defaults on with the Triton sweeps at padded K > 128 and 16-bit inputs (measured
+    19-20% faster forward+backward there) and off elsewhere; an explicit value wins."""
+    from kernels_pallas.gated_delta_rule import make_tiling
+    shape = dict(B=1, T=128, H=1, HV=1, K=K, V=64, chunk_size=64, scale=0.1, has_docs=False,
+                 dtype=dtype, sweeps=sweeps, interpret=True)
+    if sweeps == "mosaic":
+        shape.update(mosaic_warpgroups=1, reverse_warpgroups=1, key_grads="triton")
+        from kernels_pallas import mosaic_common
+        if not mosaic_common.interpret_supported():
+            pytest.skip("Mosaic tilings need jax >= 0.12 off the GPU")
+    assert make_tiling(**shape).split_output is expected
+    if sweeps == "triton":
+        assert make_tiling(**shape, split_output=not expected).split_output is (not expected)
+
+
+def test_launch_defaults_reach_the_kernels_traced_inside_only():
+    """kernels_pallas.launch_defaults sets launch parameters for every call traced in its block
+    (through gdn_jax.ops), a call's own parameters win, the previous defaults come back after the
+    block, and an unknown name is refused naming it."""
+    from kernels_pallas import launch_defaults
+    x = random_op_inputs(38, B=1, T=64, H=1, HV=1, K=32, V=16, with_state=True)
+    args = [jnp.asarray(x[n]) for n in OP_ARGS]
+
+    def kernels(**launch):
+        def loss(q):
+            if launch:
+                o, _ = pallas_gated_delta_rule(q, *args[1:], scale=0.1, initial_state=x["initial_state"],
+                                               reset=None, chunk_size=64, sweeps="triton", **launch)
+            else:
+                o, _ = gated_delta_rule(q, *args[1:], initial_state=x["initial_state"],
+                                        impl="pallas_triton")
+            return o.sum()
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(args[0]).jaxpr
+        return [e.params["name"] for e in all_eqns(jaxpr) if e.primitive.name == "pallas_call"]
+
+    assert "gdn_output_from_states" not in kernels()  # K = 32: off by default
+    with launch_defaults(split_output=True, segments=1):
+        assert "gdn_output_from_states" in kernels()
+        assert "gdn_output_from_states" not in kernels(split_output=False)
+        with launch_defaults(split_output=False):
+            assert "gdn_output_from_states" not in kernels()
+        assert "gdn_output_from_states" in kernels()
+    assert "gdn_output_from_states" not in kernels()
+    with pytest.raises(ValueError, match="split_outptu"):
+        with launch_defaults(split_outptu=True):
+            pass
+
+
 def _kernel_names(args, **launch):
     """The Pallas kernels, in order, of the Triton op's forward and backward on these inputs."""
     def loss(q, k, v, g, beta, S0):

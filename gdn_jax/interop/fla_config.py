@@ -77,7 +77,8 @@ _ATTN_KEYS = ("layers", "num_heads", "num_kv_heads", "qkv_bias", "window_size", 
 
 # ModelConfig fields that do not change the function, for export: compute dtype and kernels,
 # remat, and the init recipe (used only when a model is built from scratch).
-RUNTIME_FIELDS = ("name", "dtype", "remat", "gdn_impl", "gdn_chunk_size", "conv_impl", "attn_impl")
+RUNTIME_FIELDS = ("name", "dtype", "remat", "gdn_impl", "gdn_chunk_size", "gdn_split_output", "conv_impl",
+                  "attn_impl")
 INIT_FIELDS = ("gdn_A_init_max", "gdn_dt_init_min", "gdn_dt_init_max")
 
 
@@ -197,7 +198,8 @@ def check_fields(fla: dict) -> dict:
 
 def to_model_config(fla: dict, **runtime) -> ModelConfig:
     """Our ModelConfig for FLA's config.json dict. `runtime` sets the fields that do not change
-    the function (dtype, gdn_impl, gdn_chunk_size, conv_impl, remat, attn_impl, name)."""
+    the function (dtype, gdn_impl, gdn_chunk_size, gdn_split_output, conv_impl, remat, attn_impl,
+    name)."""
     bad = sorted(set(runtime) - set(RUNTIME_FIELDS))
     if bad:
         raise ValueError(f"{bad[0]!r} is not a runtime ModelConfig field; choose from "
