@@ -51,10 +51,10 @@ class ModelConfig:
     gdn_allow_neg_eigval: bool = False  # beta = 2 * sigmoid(.) in (0, 2) instead of sigmoid(.)
     gdn_impl: str = "auto"  # gated_delta_rule impl, one of gdn_jax.impls.IMPLS
     gdn_chunk_size: int = 64  # chunk length of the chunk / pallas paths, tokens (16, 32 or 64)
-    # "auto": the Pallas kernels' default (keep the per-chunk states from forward to backward with
-    # the Triton sweeps at K > 128 and 16-bit inputs: faster, ~0.5 GB a layer more at
-    # fla_gdn_1.3b's 4 x 4096); "off": recompute them in the backward (kernels_pallas split_output)
-    gdn_split_output: str = "auto"
+    # "auto" keeps the Pallas kernels' default: with the Triton sweeps at K > 128 and 16-bit inputs
+    # the forward keeps its per-chunk states for the backward (faster; ~0.5 GB a layer more at
+    # fla_gdn_1.3b's 4 x 4096). "off": the backward recomputes them (kernels_pallas split_output).
+    gdn_split_output: str = "auto"  # "auto" | "off": keep the per-chunk states (see above)
     conv_impl: str = "auto"  # the GDN short convs: one of gdn_jax.impls.CONV_IMPLS
     # Decay init, g = -A * dt per token at init (FLA's recipe by default).
     gdn_A_init_max: float = 16.0  # A ~ U(0, gdn_A_init_max) per value head
