@@ -18,6 +18,7 @@
 #   bash bench/gpu_pending.sh train_split  # issue 13: split_output (now the K > 128 default) in the step, remat dots_gdn
 #   bash bench/gpu_pending.sh honest_k256  # Kernels v2 re-measured with the fixed fwd+bwd: K = 256 shapes, FLA
 #   bash bench/gpu_pending.sh honest_k128  # the same at K = 128, with FlashQLA (carry .anchors)
+#   bash bench/gpu_pending.sh honest_rest  # the rows honest_k128 did not reach: qwen3next with FLA, t16k
 #   bash bench/gpu_pending.sh lm_eval_a    # issue 16, first of two calls: lm-eval's pyarrow (carry .lmw_a)
 #   bash bench/gpu_pending.sh lm_eval      # issue 16: lm-eval requests/s and agreement with FLA (carry .whl, .lmw_b)
 #   bash bench/gpu_pending.sh multi2       # issue 15, on nvidia-h200-x2: 1 GPU against data parallel and FSDP on 2
@@ -28,7 +29,7 @@
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA, FLA, new and old Mosaic defaults, K = 128
 #   bash bench/gpu_pending.sh flashqla_h16 # issue 10: the short form (h16k128, new defaults only)
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh honest_k256|honest_k128|five|split|train|train_split|train_flags|conv|cmdbuf|decode|multi2|multi2_ctx|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
+part=${1:?"usage: bash bench/gpu_pending.sh honest_k256|honest_k128|honest_rest|five|split|train|train_split|train_flags|conv|cmdbuf|decode|multi2|multi2_ctx|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -79,6 +80,13 @@ conv)
     step conv_train_pallas 220 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
         --set model.conv_impl=pallas
     step conv_train_xla 220 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 ;;
+honest_rest)
+    # What the 2026-12-04 honest_k128 call did not reach (FlashQLA's compiles took 325 of its 560 s):
+    # FLA at qwen3next, and ours and FLA at t16k (FlashQLA's rows there were measured). Predictions:
+    # qwen3next 1.393 ms (that call) against FLA's ~2.35 (run N1), ~1.7x; t16k <= 2.18 (>= 1.34x).
+    step honest_rest 400 env XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0 python3 \
+        bench/bench_kernels.py --shapes qwen3next,t16k --iters 20 --rounds 2 --no-chunk --no-check \
+        --variants mosaic ;;
 honest_k256|honest_k128)
     # Kernels v2 re-measured with the fixed forward+backward (bench_kernels.fwd_and_grad now returns
     # o and S, so the forward's output sweep is no longer dead code; docs/benchmarks.md, "The
