@@ -108,6 +108,7 @@ def test_gdn_split_output_reaches_the_kernels(split, expected):
     model = tiny("tiny", num_layers=1, dtype="bfloat16", gdn_impl="pallas_triton", gdn_head_dim=256,
                  gdn_split_output=split)
     graphdef, state = nnx.split(model)
+    hash(graphdef)  # the model's static attributes stay hashable: nnx.jit keys on the graphdef
     tokens = jnp.zeros((1, 64), jnp.int32)
     jaxpr = jax.make_jaxpr(jax.grad(lambda s: _loss(nnx.merge(graphdef, s), tokens)))(state).jaxpr
     names = [e.params["name"] for e in all_eqns(jaxpr) if e.primitive.name == "pallas_call"]

@@ -67,8 +67,9 @@ class GatedDeltaNet(nnx.Module):
         self.decay = decay
         self.allow_neg_eigval = cfg.gdn_allow_neg_eigval
         self.impl, self.chunk_size = cfg.gdn_impl, cfg.gdn_chunk_size
-        # Launch parameters for the Pallas kernels this layer traces (kernels_pallas.launch_defaults).
-        self.launch = {} if cfg.gdn_split_output == "auto" else {"split_output": False}
+        # Launch parameters for the Pallas kernels this layer traces (kernels_pallas.launch_defaults),
+        # as (name, value) pairs: a module's static attributes must hash (nnx's graphdef is a jit key).
+        self.launch = () if cfg.gdn_split_output == "auto" else (("split_output", False),)
         self.decode_impl = "auto"  # the decode step's recurrence (impls.DECODE_IMPLS; for_inference sets it)
         self.dtype = dt
         self.q_proj = linear(d, H * K, ("embed", "heads"), std=std, dtype=dt, rngs=rngs)
@@ -154,7 +155,7 @@ class GatedDeltaNet(nnx.Module):
             v, cv = self.v_conv(v_raw, segment_ids=segment_ids, return_cache=want)
         with jax.named_scope("qk_l2norm"):
             q, k, v = self._heads(q, k, v)
-        with jax.named_scope("gated_delta_rule"), launch_defaults(**self.launch):
+        with jax.named_scope("gated_delta_rule"), launch_defaults(**dict(self.launch)):
             o, S = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids,
                                     output_final_state=want, chunk_size=self.chunk_size, impl=self.impl)
             o = checkpoint_name(o, OUTPUT_NAME)
