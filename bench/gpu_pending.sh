@@ -13,7 +13,7 @@
 #   bash bench/gpu_pending.sh conv         # issue 13: the Pallas short conv alone, then in the 1.3B step
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1
-#   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope
+#   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope (remat dots_gdn; REMAT=none)
 #   bash bench/gpu_pending.sh train_flags  # issue 13: cuBLAS for every GEMM, overlap flags off, vs default
 #   bash bench/gpu_pending.sh train_split  # issue 13: split_output (now the K > 128 default) in the step, remat dots_gdn
 #   bash bench/gpu_pending.sh honest_k256  # Kernels v2 re-measured with the fixed fwd+bwd: K = 256 shapes, FLA
@@ -217,10 +217,12 @@ scale)
     step longest_seq 540 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python3 bench/longest_seq.py \
         --timeout 170 --max_trials 3 ;;
 train_profile)
-    # issue 13: where the fla_gdn_1.3b step's time goes, by model scope (forward and backward)
+    # issue 13: where the fla_gdn_1.3b step's time goes, by model scope (forward and backward), in
+    # the configuration under the 57 GiB bound (split_output + remat dots_gdn): which recomputed
+    # chains make dots_gdn's +12.5 ms. REMAT=none profiles the fastest configuration instead.
     # The trace and the step's HLO come back (xz) so the op table can be read again here.
     step train_profile 400 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 4 \
-        --profile /tmp/prof
+        --remat "${REMAT:-dots_gdn}" --profile /tmp/prof
     xz -T8 -1 -c "$(find /tmp/prof -name '*.xplane.pb' | tail -1)" > "$out/train.xplane.pb.xz"
     xz -T8 -1 -c /tmp/prof/train_step.hlo.txt > "$out/train_step.hlo.txt.xz" ;;
 lm_eval_a)
