@@ -33,6 +33,7 @@ on H100/H200; "MFU (model FLOPs)" uses gdn_jax.model.flops_per_token (adds atten
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -121,10 +122,10 @@ def main():
         if not sep or not value.lstrip("-").isdigit():
             raise SystemExit(f"--launch takes KEY=INT, got {item!r}")
         launch[key] = int(value)
-    # Held open for the rest of main (the step is traced at its first call); a context manager
-    # entered without a reference would be collected, and its exit would undo the defaults.
-    launch_scope = launch_defaults(**launch)
-    launch_scope.__enter__()
+    # Open for the rest of main: the step is traced at its first call. (Entered without a reference
+    # kept, the context manager would be collected at once and its exit undo the defaults.)
+    scopes = contextlib.ExitStack()
+    scopes.enter_context(launch_defaults(**launch))
     mesh = mesh_lib.make_mesh(cfg.mesh)
     trainer = step_lib.build(cfg, mesh)
     state, rest = trainer.init_fn(), trainer.rest_fn()

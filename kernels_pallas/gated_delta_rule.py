@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 from typing import NamedTuple
 
 import jax
@@ -421,6 +422,9 @@ def make_tiling(*, B, T, H, HV, K, V, chunk_size, scale, has_docs, dtype, sweeps
 
 
 _LAUNCH = contextvars.ContextVar("pallas_launch_defaults", default={})
+# make_tiling's keywords that are launch parameters (the rest describe the call itself).
+_LAUNCH_PARAMS = frozenset(inspect.signature(make_tiling).parameters) - {
+    "B", "T", "H", "HV", "K", "V", "chunk_size", "scale", "has_docs", "dtype"}
 
 
 @contextlib.contextmanager
@@ -430,12 +434,10 @@ def launch_defaults(**params):
     `gdn_jax.ops.gated_delta_rule` is tried with another launch without changing the op's
     signature. Parameters a call passes itself win. Only tracing sees them: a function compiled
     before the block keeps its launch. Unknown names raise ValueError here."""
-    import inspect
-    known = set(inspect.signature(make_tiling).parameters) - {
-        "B", "T", "H", "HV", "K", "V", "chunk_size", "scale", "has_docs", "dtype"}
-    unknown = sorted(set(params) - known)
+    unknown = sorted(set(params) - _LAUNCH_PARAMS)
     if unknown:
-        raise ValueError(f"launch_defaults: unknown launch parameter(s) {unknown}; known: {sorted(known)}")
+        raise ValueError(f"launch_defaults: unknown launch parameter(s) {unknown}; "
+                         f"known: {sorted(_LAUNCH_PARAMS)}")
     token = _LAUNCH.set({**_LAUNCH.get(), **params})
     try:
         yield

@@ -136,8 +136,8 @@ def load_fla_checkpoint(path: str, dtype: str = "float32", **runtime):
 
     dtype: the model's compute dtype (parameters are float32 whatever the file holds; logits are
     float32). runtime: other fields that do not change the function (gdn_impl, gdn_chunk_size,
-    gdn_split_output, conv_impl, remat, attn_impl, name). Raises ValueError naming the config field or tensor that cannot be
-    imported; FileNotFoundError when config.json or the safetensors are missing.
+    gdn_split_output, conv_impl, remat, attn_impl, name). Raises ValueError naming the config field
+    or tensor that cannot be imported; FileNotFoundError when config.json or the safetensors are missing.
     """
     cfg, params, _ = read_fla_checkpoint(path, dtype=dtype, **runtime)
     return cfg, model_from_params(cfg, params)

@@ -77,8 +77,8 @@ _ATTN_KEYS = ("layers", "num_heads", "num_kv_heads", "qkv_bias", "window_size", 
 
 # ModelConfig fields that do not change the function, for export: compute dtype and kernels,
 # remat, and the init recipe (used only when a model is built from scratch).
-RUNTIME_FIELDS = ("name", "dtype", "remat", "gdn_impl", "gdn_chunk_size", "gdn_split_output", "conv_impl",
-                  "attn_impl")
+RUNTIME_FIELDS = ("name", "dtype", "remat", "gdn_impl", "gdn_chunk_size", "gdn_split_output",
+                  "conv_impl", "attn_impl")
 INIT_FIELDS = ("gdn_A_init_max", "gdn_dt_init_min", "gdn_dt_init_max")
 
 

@@ -29,13 +29,12 @@ from gdn_jax.layers.conv import ShortConv
 from gdn_jax.layers.mlp import FusedLinear, linear
 from gdn_jax.layers.norms import GatedRMSNorm, small_param
 from gdn_jax.ops import decode_recurrence, gated_delta_rule
+from gdn_jax.reference import repeat_heads
 from kernels_pallas import launch_defaults
 
+_HIGHEST = jax.lax.Precision.HIGHEST
 # The recurrence's output o, named so a remat policy can keep it (gdn_jax/model.py's "dots_gdn").
 OUTPUT_NAME = "gdn_output"
-from gdn_jax.reference import repeat_heads
-
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
