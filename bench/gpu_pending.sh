@@ -14,6 +14,7 @@
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1
 #   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope (remat dots_gdn; REMAT=none)
+#   bash bench/gpu_pending.sh train_remat  # issue 13: the old default against split_output with three remat policies
 #   bash bench/gpu_pending.sh train_flags  # issue 13: cuBLAS for every GEMM, overlap flags off, vs default
 #   bash bench/gpu_pending.sh train_split  # issue 13: split_output (now the K > 128 default) in the step, remat dots_gdn
 #   bash bench/gpu_pending.sh honest_k256  # Kernels v2 re-measured with the fixed fwd+bwd: K = 256 shapes, FLA
@@ -29,7 +30,7 @@
 #   bash bench/gpu_pending.sh flashqla     # issue 10: FlashQLA, FLA, new and old Mosaic defaults, K = 128
 #   bash bench/gpu_pending.sh flashqla_h16 # issue 10: the short form (h16k128, new defaults only)
 set -uo pipefail
-part=${1:?"usage: bash bench/gpu_pending.sh honest_k256|honest_k128|honest_rest|five|split|train|train_split|train_flags|conv|cmdbuf|decode|multi2|multi2_ctx|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
+part=${1:?"usage: bash bench/gpu_pending.sh honest_k256|honest_k128|honest_rest|five|split|train|train_split|train_remat|train_flags|conv|cmdbuf|decode|multi2|multi2_ctx|kernels|breakdown|parity|generation|generation2|scale|train_profile|lm_eval_a|lm_eval|flashqla|flashqla_h16"}
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -121,6 +122,19 @@ train_split)
         --remat dots_gdn
     step split_off_dots_gdn 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
         --remat dots_gdn --set model.gdn_split_output=off ;;
+train_remat)
+    # issue 13: the old default (no split_output, no remat: 345.0 ms, 54.34 GiB on 2026-12-03)
+    # beside split_output with three remat policies, one call. Predictions (saved-residual bytes
+    # counted on the CPU, recompute bytes at ~3 TB/s): dots_gdn ~344 ms at 47.55 GiB (its
+    # 2026-12-04 rows); dots_gdn_acts +8.2 GiB (25 KB a token and layer) -> ~55.8 GiB, -9 ms
+    # (~76 KB a token and layer of recompute no longer read and written) -> ~335 ms; dots_gdn_qkv
+    # +4.0 GiB more -> ~59.8 GiB, -3 ms more -> ~332 ms.
+    step remat_before 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
+        --set model.gdn_split_output=off
+    for r in dots_gdn dots_gdn_acts dots_gdn_qkv; do
+        step "remat_$r" 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
+            --remat $r
+    done ;;
 train_flags)
     # issue 13: XLA's GEMM choice and scheduling for the fla_gdn_1.3b step, each beside the default
     # in one call. Prediction (docs/benchmarks.md, 2026-12-04): cuBLAS for every GEMM (XLA's Triton

@@ -51,7 +51,8 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay float32)")
-    p.add_argument("--remat", default=None, help="none | full | dots | dots_no_batch | dots_gdn")
+    p.add_argument("--remat", default=None,
+                   help="none or a remat policy of configs/model.py REMAT_POLICIES (dots_gdn, ...)")
     p.add_argument("--gdn_impl", default=None, help="scan | chunk | pallas | auto")
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--fsdp", type=int, nargs="?", const=-1, default=1,

@@ -26,7 +26,8 @@ MIXER_KINDS = {
     "S": "sliding-window attention",
     "A": "full causal attention",
 }
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_gdn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_gdn", "dots_gdn_acts",
+                  "dots_gdn_qkv")
 
 
 @dataclass(frozen=True)

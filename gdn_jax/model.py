@@ -21,10 +21,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from gdn_jax import context_parallel
-from gdn_jax.layers import RMSNorm, SwiGLU, gated_deltanet, make_mixer
+from gdn_jax.layers import RMSNorm, SwiGLU, gated_deltanet, make_mixer, mlp
 from kernels_pallas.gated_delta_rule import RESIDUALS_NAME
+
+# A block's two pre-norm outputs (the inputs of its projections), kept by "dots_gdn_acts".
+NORM_NAME = "block_norm"
+_DOTS_GDN = (gated_deltanet.OUTPUT_NAME, RESIDUALS_NAME)
+_ACTS = (NORM_NAME, mlp.PRODUCT_NAME, gated_deltanet.GATED_NORM_NAME)
+
+
+def _dots_and(*names):
+    """Save matmul outputs and the values named `names` (jax.ad_checkpoint.checkpoint_name)."""
+    return jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.save_only_these_names(*names))
+
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -33,10 +46,12 @@ _REMAT_POLICIES = {
     # matmul outputs, the GDN recurrence's output and what its kernels keep for their backward: the
     # backward recomputes only elementwise chains (norms, convs, gates, SwiGLU's product), never a
     # GDN kernel
-    "dots_gdn": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_saveable,
-        jax.checkpoint_policies.save_only_these_names(gated_deltanet.OUTPUT_NAME,
-                                                      RESIDUALS_NAME)),
+    "dots_gdn": _dots_and(*_DOTS_GDN),
+    # and the inputs of the projections' weight gradients: the two pre-norm outputs, SwiGLU's
+    # product and the gated output norm (the backward then reruns only the convs, L2 norms and gates)
+    "dots_gdn_acts": _dots_and(*_DOTS_GDN, *_ACTS),
+    # and the recurrence's inputs q, k, v as well: nothing in the GDN mixer reruns but its gates
+    "dots_gdn_qkv": _dots_and(*_DOTS_GDN, *_ACTS, gated_deltanet.INPUTS_NAME),
 }
 
 
@@ -63,13 +78,13 @@ class Block(nnx.Module):
         # Named scopes label the compiled ops for profiles (bench/profile_summary.py); no effect
         # on what is computed.
         with jax.named_scope("mixer_norm"):
-            x = self.mixer_norm(h_BxTxD)
+            x = checkpoint_name(self.mixer_norm(h_BxTxD), NORM_NAME)
         with jax.named_scope(type(self.mixer).__name__):
             y, cache = self.mixer(x, segment_ids=segment_ids, positions=positions,
                                   cache_len=cache_len)
         h_BxTxD = h_BxTxD + y.astype(jnp.float32)
         with jax.named_scope("mlp_norm"):
-            x = self.mlp_norm(h_BxTxD)
+            x = checkpoint_name(self.mlp_norm(h_BxTxD), NORM_NAME)
         with jax.named_scope("mlp"):
             h_BxTxD = h_BxTxD + self.mlp(x).astype(jnp.float32)
         return h_BxTxD, cache

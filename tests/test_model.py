@@ -122,19 +122,49 @@ def test_remat_dots_gdn_keeps_the_kernels_work_and_the_gradients():
     """remat "dots_gdn" saves matmul outputs plus the GDN recurrence's output and its kernels'
     residuals: the same gradients as no remat, and the compiled backward reruns no forward kernel
     (in interpret mode each Pallas kernel compiles to a while loop: "dots" adds the forward's,
-    "dots_gdn" adds none)."""
+    "dots_gdn" adds none). "dots_gdn_acts" and "dots_gdn_qkv" save more of the same block, so the
+    same holds for them."""
     tokens = jax.random.randint(jax.random.key(5), (1, 33), 0, 256)
     grads, loops = {}, {}
-    for r in ("none", "dots", "dots_gdn"):
+    policies = ("none", "dots", "dots_gdn", "dots_gdn_acts", "dots_gdn_qkv")
+    for r in policies:
         model = tiny("tiny", remat=r, num_layers=1, dtype="bfloat16", gdn_impl="pallas_triton")
         graphdef, state = nnx.split(model)
         fn = jax.jit(lambda st, t: jax.grad(lambda s: _loss(nnx.merge(graphdef, s), t))(st))
         loops[r] = fn.lower(state, tokens).compile().as_text().count(" while(")
         grads[r] = fn(state, tokens)
-    assert loops["dots_gdn"] == loops["none"] < loops["dots"], loops
-    for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["dots_gdn"])):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=1e-2, atol=1e-5)
+    assert loops["none"] < loops["dots"], loops
+    for r in policies[2:]:
+        assert loops[r] == loops["none"], loops
+        for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[r])):
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                       rtol=1e-2, atol=1e-5)
+
+
+def _saved_bytes(model, tokens):
+    """Bytes the backward keeps from the forward (jax's saved residuals), parameters excluded."""
+    from jax._src.ad_checkpoint import saved_residuals  # the public name is print-only
+    graphdef, state = nnx.split(model)
+    res = saved_residuals(lambda s: _loss(nnx.merge(graphdef, s), tokens), state)
+    return sum(np.prod(a.shape) * a.dtype.itemsize for a, src in res if "argument" not in src)
+
+
+def test_remat_policies_keep_exactly_their_named_activations():
+    """Each "dots_gdn*" policy keeps what the one before it keeps plus its named values, and
+    nothing else: bf16 activations per token and layer of d (two block norms), the SwiGLU hidden
+    width (its product) and HV V (the gated output norm) for "dots_gdn_acts", then 2 H K + HV V
+    (the recurrence's q, k, v) for "dots_gdn_qkv"."""
+    T, L = 32, 2
+    cfg = dict(num_layers=L, dtype="bfloat16", gdn_impl="pallas_triton")
+    tokens = jax.random.randint(jax.random.key(6), (1, T + 1), 0, 256)
+    size = {r: _saved_bytes(tiny("tiny", remat=r, **cfg), tokens)
+            for r in ("dots_gdn", "dots_gdn_acts", "dots_gdn_qkv")}
+    c = get_model_config("tiny", **cfg)
+    m = tiny("tiny", **cfg).blocks[0].mixer
+    HV_V, HK = m.num_v_heads * m.v_dim, m.num_heads * m.head_dim
+    assert size["dots_gdn_acts"] - size["dots_gdn"] == 2 * T * L * (2 * c.d_model + c.mlp_hidden
+                                                                      + HV_V)
+    assert size["dots_gdn_qkv"] - size["dots_gdn_acts"] == 2 * T * L * (2 * HK + HV_V)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_deltanet", "tiny_mamba2", "tiny_transformer",

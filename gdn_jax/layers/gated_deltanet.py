@@ -35,6 +35,10 @@ from kernels_pallas import launch_defaults
 _HIGHEST = jax.lax.Precision.HIGHEST
 # The recurrence's output o, named so a remat policy can keep it (gdn_jax/model.py's "dots_gdn").
 OUTPUT_NAME = "gdn_output"
+# The output gate's product rmsnorm(o) w silu(z), o_proj's input: kept by "dots_gdn_acts".
+GATED_NORM_NAME = "gdn_gated_norm"
+# q, k, v as the recurrence takes them (after the convs and the L2 norms): kept by "dots_gdn_qkv".
+INPUTS_NAME = "gdn_inputs"
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -127,6 +131,7 @@ class GatedDeltaNet(nnx.Module):
     def _output(self, o, gate_raw):
         with jax.named_scope("out_norm_gate"):
             y = self.o_norm(o, gate_raw.reshape(*o.shape)).astype(self.dtype)
+            y = checkpoint_name(y, GATED_NORM_NAME)
         with jax.named_scope("out_proj"):
             return self.o_proj(y.reshape(*o.shape[:-2], -1))
 
@@ -153,7 +158,7 @@ class GatedDeltaNet(nnx.Module):
             k, ck = self.k_conv(k_raw, segment_ids=segment_ids, return_cache=want)
             v, cv = self.v_conv(v_raw, segment_ids=segment_ids, return_cache=want)
         with jax.named_scope("qk_l2norm"):
-            q, k, v = self._heads(q, k, v)
+            q, k, v = checkpoint_name(self._heads(q, k, v), INPUTS_NAME)
         with jax.named_scope("gated_delta_rule"), launch_defaults(**dict(self.launch)):
             o, S = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids,
                                     output_final_state=want, chunk_size=self.chunk_size, impl=self.impl)

@@ -6,6 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
+from jax.ad_checkpoint import checkpoint_name
+
+# silu(gate) * up, named so a remat policy can keep it for down_proj's weight gradient
+# (gdn_jax/model.py's "dots_gdn_acts").
+PRODUCT_NAME = "swiglu_product"
 
 
 def linear(d_in: int, d_out: int, axes: tuple, *, std: float, dtype, rngs: nnx.Rngs,
@@ -59,4 +64,4 @@ class SwiGLU(nnx.Module):
             gate, up = self.gate_proj(x_BxTxD), self.up_proj(x_BxTxD)
         else:
             gate, up = self.gate_up(x_BxTxD)
-        return self.down_proj(jax.nn.silu(gate) * up)
+        return self.down_proj(checkpoint_name(jax.nn.silu(gate) * up, PRODUCT_NAME))
