@@ -127,11 +127,11 @@ train_remat)
     # beside split_output with three remat policies, one call. Predictions (saved-residual bytes
     # counted on the CPU, recompute bytes at ~3 TB/s): dots_gdn ~344 ms at 47.55 GiB (its
     # 2026-12-04 rows); dots_gdn_acts +8.2 GiB (25 KB a token and layer) -> ~55.8 GiB, -9 ms
-    # (~76 KB a token and layer of recompute no longer read and written) -> ~335 ms; dots_gdn_qkv
+    # (~76 KB a token and layer of recompute no longer read and written) -> ~335 ms; dots_gdn_all
     # +4.0 GiB more -> ~59.8 GiB, -3 ms more -> ~332 ms.
     # A run takes ~170 s on a fresh machine (start-up and compile; 150 s cut every run on
     # 2026-12-04), so one call holds three: REMATS picks them ("off" is the old default).
-    for r in ${REMATS:-off dots_gdn_acts dots_gdn_qkv}; do
+    for r in ${REMATS:-off dots_gdn_acts dots_gdn_all}; do
         if [ "$r" = off ]; then
             step remat_before 195 python3 bench/train_throughput.py --config fla_gdn_1.3b \
                 --steps 8 --set model.gdn_split_output=off

@@ -27,7 +27,7 @@ MIXER_KINDS = {
     "A": "full causal attention",
 }
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_gdn", "dots_gdn_acts",
-                  "dots_gdn_qkv")
+                  "dots_gdn_mixer", "dots_gdn_all")
 
 
 @dataclass(frozen=True)

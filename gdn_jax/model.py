@@ -50,8 +50,12 @@ _REMAT_POLICIES = {
     # and the inputs of the projections' weight gradients: the two pre-norm outputs, SwiGLU's
     # product and the gated output norm (the backward then reruns only the convs, L2 norms and gates)
     "dots_gdn_acts": _dots_and(*_DOTS_GDN, *_ACTS),
-    # and the recurrence's inputs q, k, v as well: nothing in the GDN mixer reruns but its gates
-    "dots_gdn_qkv": _dots_and(*_DOTS_GDN, *_ACTS, gated_deltanet.INPUTS_NAME),
+    # "dots_gdn_acts" less SwiGLU's product (the widest of them) and plus the recurrence's inputs
+    # q, k, v (so the short convs never rerun): in the mixer only the gates rerun
+    "dots_gdn_mixer": _dots_and(*_DOTS_GDN, NORM_NAME, gated_deltanet.GATED_NORM_NAME,
+                                gated_deltanet.INPUTS_NAME),
+    # every named activation: the block reruns only the gates and SwiGLU's silu
+    "dots_gdn_all": _dots_and(*_DOTS_GDN, *_ACTS, gated_deltanet.INPUTS_NAME),
 }
 
 

@@ -122,11 +122,11 @@ def test_remat_dots_gdn_keeps_the_kernels_work_and_the_gradients():
     """remat "dots_gdn" saves matmul outputs plus the GDN recurrence's output and its kernels'
     residuals: the same gradients as no remat, and the compiled backward reruns no forward kernel
     (in interpret mode each Pallas kernel compiles to a while loop: "dots" adds the forward's,
-    "dots_gdn" adds none). "dots_gdn_acts" and "dots_gdn_qkv" save more of the same block, so the
+    "dots_gdn" adds none). "dots_gdn_acts", "dots_gdn_mixer" and "dots_gdn_all" save more of the same block, so the
     same holds for them."""
     tokens = jax.random.randint(jax.random.key(5), (1, 33), 0, 256)
     grads, loops = {}, {}
-    policies = ("none", "dots", "dots_gdn", "dots_gdn_acts", "dots_gdn_qkv")
+    policies = ("none", "dots", "dots_gdn", "dots_gdn_acts", "dots_gdn_mixer", "dots_gdn_all")
     for r in policies:
         model = tiny("tiny", remat=r, num_layers=1, dtype="bfloat16", gdn_impl="pallas_triton")
         graphdef, state = nnx.split(model)
@@ -150,21 +150,22 @@ def _saved_bytes(model, tokens):
 
 
 def test_remat_policies_keep_exactly_their_named_activations():
-    """Each "dots_gdn*" policy keeps what the one before it keeps plus its named values, and
-    nothing else: bf16 activations per token and layer of d (two block norms), the SwiGLU hidden
-    width (its product) and HV V (the gated output norm) for "dots_gdn_acts", then 2 H K + HV V
-    (the recurrence's q, k, v) for "dots_gdn_qkv"."""
+    """Each "dots_gdn*" policy keeps what "dots_gdn" keeps plus its named values, and nothing
+    else; bf16 activations per token and layer: the two block norms 2 d, SwiGLU's product (its
+    hidden width F), the gated output norm HV V, the recurrence's q, k, v 2 H K + HV V."""
     T, L = 32, 2
     cfg = dict(num_layers=L, dtype="bfloat16", gdn_impl="pallas_triton")
     tokens = jax.random.randint(jax.random.key(6), (1, T + 1), 0, 256)
     size = {r: _saved_bytes(tiny("tiny", remat=r, **cfg), tokens)
-            for r in ("dots_gdn", "dots_gdn_acts", "dots_gdn_qkv")}
+            for r in ("dots_gdn", "dots_gdn_acts", "dots_gdn_mixer", "dots_gdn_all")}
     c = get_model_config("tiny", **cfg)
     m = tiny("tiny", **cfg).blocks[0].mixer
-    HV_V, HK = m.num_v_heads * m.v_dim, m.num_heads * m.head_dim
-    assert size["dots_gdn_acts"] - size["dots_gdn"] == 2 * T * L * (2 * c.d_model + c.mlp_hidden
-                                                                      + HV_V)
-    assert size["dots_gdn_qkv"] - size["dots_gdn_acts"] == 2 * T * L * (2 * HK + HV_V)
+    norms, product, gated = 2 * c.d_model, c.mlp_hidden, m.num_v_heads * m.v_dim
+    qkv = 2 * m.num_heads * m.head_dim + m.num_v_heads * m.v_dim
+    extra = {r: (size[r] - size["dots_gdn"]) // (2 * T * L) for r in size}
+    assert extra == {"dots_gdn": 0, "dots_gdn_acts": norms + product + gated,
+                     "dots_gdn_mixer": norms + gated + qkv,
+                     "dots_gdn_all": norms + product + gated + qkv}, extra
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_deltanet", "tiny_mamba2", "tiny_transformer",
