@@ -152,17 +152,21 @@ _TINY = dict(vocab_size=256, d_model=64, num_layers=2, mlp_hidden=128, tie_embed
              attn_num_heads=4, attn_head_dim=16, window_size=16,
              mamba_expand=2, mamba_head_dim=16, mamba_d_state=16, mamba_chunk_size=16)
 
+# The 1.3B GDN models' remat: as fast as none (327.9-330.9 against 330.9 ms a step at fla_gdn_1.3b,
+# 4 x 4096, H200) at 56.4 instead of 64.9 GiB (docs/benchmarks.md, 2026-12-04).
+_GDN_REMAT = "dots_gdn_mixer"
+
 _PRESETS: dict[str, dict] = {
     "gdn_0.4b": dict(_04B, num_layers=11, layer_pattern="G"),
     "gdn_h1_0.4b": dict(_04B, num_layers=12, layer_pattern="GS"),
     "gdn_h2_0.4b": dict(_04B, num_layers=12, layer_pattern="MGS"),
     "gdn_1.3b": dict(_PAPER, d_model=2400, num_layers=16, layer_pattern="G", mlp_hidden=5888,
-                     gdn_head_dim=200, attn_num_heads=16, attn_head_dim=150),
+                     gdn_head_dim=200, attn_num_heads=16, attn_head_dim=150, remat=_GDN_REMAT),
     "gdn_h1_1.3b": dict(_13B_H, layer_pattern="GS"),
     "gdn_h2_1.3b": dict(_13B_H, layer_pattern="MGS"),
     "fla_gdn_1.3b": dict(vocab_size=32000, d_model=2048, num_layers=21, layer_pattern="G",
                          mlp_hidden=5632, tie_embeddings=False, norm_eps=1e-6, gdn_num_heads=6,
-                         gdn_head_dim=256, gdn_expand_v=2.0),
+                         gdn_head_dim=256, gdn_expand_v=2.0, remat=_GDN_REMAT),
     "tiny": dict(_TINY, layer_pattern="G"),
     "tiny_h1": dict(_TINY, layer_pattern="GS"),
     "tiny_h2": dict(_TINY, num_layers=3, layer_pattern="MGS"),
