@@ -13,7 +13,7 @@
 #   bash bench/gpu_pending.sh conv         # issue 13: the Pallas short conv alone, then in the 1.3B step
 #   bash bench/gpu_pending.sh parity       # issue 12: FLA logits parity at 1.3B
 #   bash bench/gpu_pending.sh scale        # issue 14: longest T at batch 1
-#   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope (remat dots_gdn; REMAT=none)
+#   bash bench/gpu_pending.sh train_profile  # issue 13: the 1.3B step's time by model scope (REMAT=<policy>)
 #   bash bench/gpu_pending.sh train_remat  # issue 13: the old default against split_output with three remat policies
 #   bash bench/gpu_pending.sh train_flags  # issue 13: cuBLAS for every GEMM, overlap flags off, vs default
 #   bash bench/gpu_pending.sh train_split  # issue 13: split_output (now the K > 128 default) in the step, remat dots_gdn
@@ -116,8 +116,9 @@ train_split)
     # Predictions: off/none ~345 ms at ~54.3 GiB (2026-12-03's row); off/dots_gdn ~357 ms at
     # ~37 GiB (dots_gdn's +12.5 ms recompute, its -17.4 GiB less the split's 10.6).
     step split_off 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
-        --set model.gdn_split_output=off
-    step split_auto 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8
+        --remat none --set model.gdn_split_output=off
+    step split_auto 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
+        --remat none
     step split_auto_dots_gdn 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
         --remat dots_gdn
     step split_off_dots_gdn 150 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 8 \
@@ -134,7 +135,7 @@ train_remat)
     for r in ${REMATS:-off dots_gdn_acts dots_gdn_all}; do
         if [ "$r" = off ]; then
             step remat_before 195 python3 bench/train_throughput.py --config fla_gdn_1.3b \
-                --steps 8 --set model.gdn_split_output=off
+                --steps 8 --remat none --set model.gdn_split_output=off
         else
             step "remat_$r" 195 python3 bench/train_throughput.py --config fla_gdn_1.3b \
                 --steps 8 --remat "$r"
@@ -237,11 +238,11 @@ scale)
         --timeout 170 --max_trials 3 ;;
 train_profile)
     # issue 13: where the fla_gdn_1.3b step's time goes, by model scope (forward and backward), in
-    # the configuration under the 57 GiB bound (split_output + remat dots_gdn): which recomputed
-    # chains make dots_gdn's +12.5 ms. REMAT=none profiles the fastest configuration instead.
+    # its preset's configuration (split_output + remat dots_gdn_mixer, 56.4 GiB; profiled
+    # 2026-12-04); REMAT=<policy> profiles another.
     # The trace and the step's HLO come back (xz) so the op table can be read again here.
     step train_profile 400 python3 bench/train_throughput.py --config fla_gdn_1.3b --steps 4 \
-        --remat "${REMAT:-dots_gdn}" --profile /tmp/prof
+        --remat "${REMAT:-dots_gdn_mixer}" --profile /tmp/prof
     xz -T8 -1 -c "$(find /tmp/prof -name '*.xplane.pb' | tail -1)" > "$out/train.xplane.pb.xz"
     xz -T8 -1 -c /tmp/prof/train_step.hlo.txt > "$out/train_step.hlo.txt.xz" ;;
 lm_eval_a)
