@@ -51,7 +51,8 @@ _REMAT_POLICIES = {
     # product and the gated output norm (the backward then reruns only the convs, L2 norms and gates)
     "dots_gdn_acts": _dots_and(*_DOTS_GDN, *_ACTS),
     # "dots_gdn_acts" less SwiGLU's product (the widest of them) and plus the recurrence's inputs
-    # q, k, v (so the short convs never rerun): in the mixer only the gates rerun
+    # q, k, v: the kernels' backward then starts without the convs, SiLUs and L2 norms rerun and
+    # written out for it (their own backward still recomputes the conv outputs, inside its fusions)
     "dots_gdn_mixer": _dots_and(*_DOTS_GDN, NORM_NAME, gated_deltanet.GATED_NORM_NAME,
                                 gated_deltanet.INPUTS_NAME),
     # every named activation: the block reruns only the gates and SwiGLU's silu

@@ -38,7 +38,8 @@ OUTPUT_NAME = "gdn_output"
 # The output gate's product rmsnorm(o) w silu(z), o_proj's input: kept by "dots_gdn_acts" and
 # the policies after it.
 GATED_NORM_NAME = "gdn_gated_norm"
-# q, k, v as the recurrence takes them (after the convs and the L2 norms): kept by "dots_gdn_mixer" and "dots_gdn_all".
+# q, k, v as the recurrence takes them (after the convs and the L2 norms): kept by
+# "dots_gdn_mixer" and "dots_gdn_all".
 INPUTS_NAME = "gdn_inputs"
 
 
