@@ -1,7 +1,7 @@
 """Training throughput: tokens/s, MFU and peak memory of the real train step (AdamW, bf16 compute).
 
     python bench/train_throughput.py                          # fla_gdn_1.3b, B=4 x T=4096, 1 GPU
-    python bench/train_throughput.py --config gdn_1.3b --remat dots
+    python bench/train_throughput.py --config gdn_1.3b --remat none   # the preset's remat otherwise
     python bench/train_throughput.py --config tiny --batch 2 --seq 128 --steps 3   # CPU smoke run
 
 Several GPUs: one process per GPU, e.g. on one 8-GPU host
