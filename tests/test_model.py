@@ -122,8 +122,8 @@ def test_remat_dots_gdn_keeps_the_kernels_work_and_the_gradients():
     """remat "dots_gdn" saves matmul outputs plus the GDN recurrence's output and its kernels'
     residuals: the same gradients as no remat, and the compiled backward reruns no forward kernel
     (in interpret mode each Pallas kernel compiles to a while loop: "dots" adds the forward's,
-    "dots_gdn" adds none). "dots_gdn_acts", "dots_gdn_mixer" and "dots_gdn_all" save more of the same block, so the
-    same holds for them."""
+    "dots_gdn" adds none). "dots_gdn_acts", "dots_gdn_mixer" and "dots_gdn_all" save more of
+    the same block, so the same holds for them."""
     tokens = jax.random.randint(jax.random.key(5), (1, 33), 0, 256)
     grads, loops = {}, {}
     policies = ("none", "dots", "dots_gdn", "dots_gdn_acts", "dots_gdn_mixer", "dots_gdn_all")
@@ -159,9 +159,8 @@ def test_remat_policies_keep_exactly_their_named_activations():
     size = {r: _saved_bytes(tiny("tiny", remat=r, **cfg), tokens)
             for r in ("dots_gdn", "dots_gdn_acts", "dots_gdn_mixer", "dots_gdn_all")}
     c = get_model_config("tiny", **cfg)
-    m = tiny("tiny", **cfg).blocks[0].mixer
-    norms, product, gated = 2 * c.d_model, c.mlp_hidden, m.num_v_heads * m.v_dim
-    qkv = 2 * m.num_heads * m.head_dim + m.num_v_heads * m.v_dim
+    norms, product, gated = 2 * c.d_model, c.mlp_hidden, c.gdn_v_heads * c.gdn_v_dim
+    qkv = 2 * c.gdn_num_heads * c.gdn_head_dim + c.gdn_v_heads * c.gdn_v_dim
     extra = {r: (size[r] - size["dots_gdn"]) // (2 * T * L) for r in size}
     assert extra == {"dots_gdn": 0, "dots_gdn_acts": norms + product + gated,
                      "dots_gdn_mixer": norms + gated + qkv,
